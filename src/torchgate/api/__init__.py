@@ -1,0 +1,1 @@
+"""HTTP routes and the codecs that turn protocol messages into tensors and back."""

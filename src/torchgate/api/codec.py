@@ -1,0 +1,117 @@
+"""The codec layer both protocols share: JSON parsing, tensor coercion and validation.
+
+A request becomes one numpy array per model input (batch dim first), checked against the
+model's signature: names, datatype, shape, finiteness and row count. Conversion is done by
+numpy in C; no per-element Python validation.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import orjson
+
+from torchgate.errors import BadRequest
+from torchgate.serving.datatypes import NUMPY
+from torchgate.serving.model_config import ModelConfig, TensorSpec
+
+MAX_ELEMENTS = 1 << 28
+
+
+def parse_json(body: bytes) -> Any:
+    if not body:
+        raise BadRequest("empty body: expected a JSON object")
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        # orjson refuses NaN/Infinity literals and nesting past 1024 levels here, too
+        raise BadRequest(f"malformed JSON: {exc.msg} at byte {exc.pos}") from None
+
+
+def coerce(value: Any, spec: TensorSpec, what: str) -> np.ndarray:
+    """A JSON value as an array of the spec's datatype; 400 for anything that is not."""
+    if spec.datatype == "BYTES":
+        return _text(value, what)
+    try:
+        array = np.asarray(value)
+    except (ValueError, TypeError, OverflowError, RecursionError):
+        raise BadRequest(f"{what}: rows must be nested lists of one shape") from None
+    kind = array.dtype.kind
+    target = NUMPY[spec.datatype]
+    if kind not in "biuf":
+        if kind == "O":
+            raise BadRequest(f"{what}: rows must be nested lists of numbers of one shape")
+        raise BadRequest(f"{what}: expected numbers ({spec.datatype}), got {_kind_name(kind)}")
+    if spec.datatype == "BOOL":
+        if kind != "b":
+            raise BadRequest(f"{what}: expected true/false (BOOL)")
+        return array
+    if target.kind in "iu":
+        if kind == "f":
+            raise BadRequest(f"{what}: expected integers ({spec.datatype}), got decimals")
+        if array.size:
+            info = np.iinfo(target)
+            if array.min() < info.min or array.max() > info.max:
+                raise BadRequest(f"{what}: values out of range for {spec.datatype}")
+        return array.astype(target, copy=False)
+    if spec.datatype == "BF16":
+        as_float = array.astype(np.float32)
+        _finite(as_float, what)
+        return (as_float.view(np.uint32) >> 16).astype(np.uint16)
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = array.astype(target, copy=False)
+    _finite(out, what)
+    return out
+
+
+def _finite(array: np.ndarray, what: str) -> None:
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise BadRequest(f"{what}: NaN and infinite values are not accepted")
+
+
+def _text(value: Any, what: str) -> np.ndarray:
+    array = np.asarray(value, dtype=object)
+    flat = array.reshape(-1)
+    for item in flat:
+        if not isinstance(item, str | bytes):
+            raise BadRequest(f"{what}: expected strings (BYTES)")
+    return array
+
+
+def _kind_name(kind: str) -> str:
+    return {"U": "strings", "S": "bytes", "O": "mixed values"}.get(kind, "non-numbers")
+
+
+def check_shape(array: np.ndarray, spec: TensorSpec, rows: int | None, what: str) -> None:
+    """The array's shape must be (rows, *spec.shape), -1 matching any size."""
+    want = ((rows,) if rows is not None else ()) + spec.shape
+    got = array.shape
+    if len(got) != len(want) or any(w != -1 and w != g for w, g in zip(want, got, strict=True)):
+        shown = ["-1" if w == -1 else str(w) for w in want]
+        raise BadRequest(
+            f"{what}: shape {list(got)} does not match the model's [{', '.join(shown)}]"
+        )
+
+
+def check_rows(rows: int, config: ModelConfig) -> None:
+    if rows < 1:
+        raise BadRequest("at least one row is needed")
+    if config.batched and rows > config.max_batch_size:
+        raise BadRequest(
+            f"{rows} rows in one request; this model takes at most {config.max_batch_size}"
+        )
+    if not config.batched and rows != 1:
+        raise BadRequest("this model takes no batch dimension: send exactly one instance")
+
+
+def element_count(shape: list[int] | tuple[int, ...]) -> int:
+    """Product of a shape's dimensions, refusing negative ones and absurd totals."""
+    total = 1
+    for dim in shape:
+        if not isinstance(dim, int) or isinstance(dim, bool) or dim < 0:
+            raise BadRequest(f"shape {list(shape)}: dimensions must be non-negative integers")
+        total *= dim
+        if total > MAX_ELEMENTS:
+            raise BadRequest(f"shape {list(shape)} has too many elements")
+    return total

@@ -1,0 +1,43 @@
+"""Small `Annotated` dependencies: the app's components, reached through `app.state`."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from torchgate.errors import UnsupportedMediaType
+from torchgate.metrics import Metrics
+from torchgate.serving.registry import ModelRegistry
+from torchgate.serving.service import InferenceService
+
+JSON_TYPES = ("application/json",)
+
+
+def _registry(request: Request) -> ModelRegistry:
+    return request.app.state.registry
+
+
+def _service(request: Request) -> InferenceService:
+    return request.app.state.service
+
+
+def _metrics(request: Request) -> Metrics:
+    return request.app.state.metrics
+
+
+Registry = Annotated[ModelRegistry, Depends(_registry)]
+Service = Annotated[InferenceService, Depends(_service)]
+MetricsDep = Annotated[Metrics, Depends(_metrics)]
+
+
+async def read_body(request: Request, accept: tuple[str, ...] = JSON_TYPES) -> bytes:
+    """The request body, after checking its content type (a missing one is taken as JSON)."""
+    content_type = request.headers.get("content-type")
+    if content_type:
+        media = content_type.split(";", 1)[0].strip().lower()
+        if media not in accept:
+            raise UnsupportedMediaType(
+                f"content type {media[:64]!r} is not supported; send {' or '.join(accept)}"
+            )
+    return await request.body()

@@ -1,0 +1,44 @@
+"""One place that turns every failure into `{"error": "..."}` with the right status."""
+
+from __future__ import annotations
+
+import logging
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException
+from starlette.responses import Response
+
+from torchgate.errors import TorchgateError
+
+log = logging.getLogger("torchgate.errors")
+
+
+def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
+    body = orjson.dumps({"error": message})
+    return Response(body, status_code=status, media_type="application/json", headers=headers)
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(TorchgateError)
+    async def _known(request: Request, exc: TorchgateError) -> Response:
+        request.state.error = exc.message
+        return error_response(exc.status_code, exc.message, exc.headers)
+
+    @app.exception_handler(HTTPException)
+    async def _http(request: Request, exc: HTTPException) -> Response:
+        message = {404: "not found", 405: "method not allowed"}.get(exc.status_code)
+        return error_response(exc.status_code, message or str(exc.detail), exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> Response:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        return error_response(400, f"invalid request: {where}: {first.get('msg', 'invalid')}")
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> Response:
+        log.exception("unhandled error", extra={"path": request.url.path})
+        request.state.error = "internal"
+        return error_response(500, "internal server error")

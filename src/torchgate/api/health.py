@@ -1,0 +1,47 @@
+"""Probes and metrics: liveness, readiness (with reasons), and the Prometheus text."""
+
+from __future__ import annotations
+
+import orjson
+from fastapi import APIRouter, Request
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.responses import Response
+
+from torchgate.api.deps import MetricsDep
+
+router = APIRouter(tags=["probes"])
+
+
+def readiness_problems(request: Request) -> list[str]:
+    """Why this replica should not get traffic now; empty when it should."""
+    state = request.app.state
+    problems: list[str] = []
+    if not getattr(state, "ready", False):
+        problems.append("models are not loaded yet")
+    if getattr(state, "draining", False):
+        problems.append("draining")
+    for check in getattr(state, "readiness_checks", ()):
+        problems.extend(check())
+    return problems
+
+
+def _json(body: object, status: int = 200) -> Response:
+    return Response(orjson.dumps(body), status_code=status, media_type="application/json")
+
+
+@router.get("/health", summary="Liveness: the process is up and its event loop answers")
+async def health() -> Response:
+    return _json({"status": "ok"})
+
+
+@router.get("/health/ready", summary="Readiness: models loaded, breakers closed, not draining")
+async def ready(request: Request) -> Response:
+    problems = readiness_problems(request)
+    if problems:
+        return _json({"status": "not ready", "reasons": problems}, 503)
+    return _json({"status": "ready"})
+
+
+@router.get("/metrics", summary="Prometheus metrics")
+async def metrics(metrics: MetricsDep) -> Response:
+    return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)

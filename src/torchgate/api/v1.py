@@ -1,0 +1,134 @@
+"""The V1 protocol (KServe V1 / TF Serving style): `{"instances": [...]}` in,
+`{"predictions": [...]}` out, over the shared request path."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import orjson
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from torchgate.api.codec import check_rows, check_shape, coerce, parse_json
+from torchgate.api.deps import Registry, Service, read_body
+from torchgate.errors import BadRequest
+from torchgate.serving.model_config import ModelConfig
+from torchgate.serving.service import InferenceResult
+
+router = APIRouter(tags=["v1"])
+
+_DUMPS = orjson.OPT_SERIALIZE_NUMPY
+
+
+def decode(payload: Any, config: ModelConfig) -> tuple[list[np.ndarray], int]:
+    """`{"instances": [row, ...]}` as one array per input, batch dim first."""
+    if not isinstance(payload, dict) or "instances" not in payload:
+        raise BadRequest('expected a JSON object {"instances": [row, ...]}')
+    instances = payload["instances"]
+    if not isinstance(instances, list):
+        raise BadRequest('"instances" must be a list of rows')
+    rows = len(instances)
+    check_rows(rows, config)
+    specs = config.inputs
+    if len(specs) == 1 and not isinstance(instances[0], dict):
+        columns = [instances]
+    else:
+        columns = []
+        names = {s.name for s in specs}
+        for i, row in enumerate(instances):
+            if not isinstance(row, dict):
+                raise BadRequest(f"row {i}: this model has several inputs, send objects")
+            extra = set(row) - names
+            if extra:
+                raise BadRequest(f"row {i}: unknown input {sorted(extra)[0]!r}")
+        for spec in specs:
+            try:
+                columns.append([row[spec.name] for row in instances])
+            except KeyError:
+                raise BadRequest(f"input {spec.name!r} is missing from a row") from None
+    arrays = []
+    for spec, column in zip(specs, columns, strict=True):
+        what = f"input {spec.name!r}"
+        array = coerce(column, spec, what)
+        check_shape(array, spec, rows, what)
+        arrays.append(array if config.batched else array[0])
+    return arrays, rows
+
+
+def encode(result: InferenceResult) -> bytes:
+    served = result.served
+    config = served.config
+    outputs = [o if config.batched else o[np.newaxis] for o in result.outputs]
+    outputs = [np.ascontiguousarray(o) for o in outputs]
+    if len(outputs) == 1:
+        predictions: Any = outputs[0]
+    else:
+        names = [s.name for s in config.outputs]
+        predictions = [
+            {n: o[i] for n, o in zip(names, outputs, strict=True)}
+            for i in range(outputs[0].shape[0])
+        ]
+    body: dict[str, Any] = {
+        "predictions": predictions,
+        "model_name": served.name,
+        "model_version": str(served.version),
+    }
+    if result.top is not None and config.labels is not None:
+        body["labels"] = [config.labels[i] for i in result.top.tolist()]
+        body["probabilities"] = result.top_probability
+    return orjson.dumps(body, option=_DUMPS)
+
+
+async def _predict(
+    request: Request, registry: Registry, service: Service, name: str | None, version: str | None
+) -> Response:
+    body = await read_body(request)
+    served = registry.resolve(name or registry.default_model(), version)
+    state = request.state
+    state.model, state.version = served.name, served.version
+    inputs, rows = decode(parse_json(body), served.config)
+    state.rows = rows
+    result = await service.infer(served, inputs, rows, receive=request.receive)
+    state.queue_ms = round(result.queue_s * 1000, 3)
+    state.compute_ms = round(result.compute_s * 1000, 3)
+    headers = {"X-Cache": result.cache} if result.cache else None
+    return Response(encode(result), media_type="application/json", headers=headers)
+
+
+@router.post("/predict", summary="Predict with the default model")
+async def predict(request: Request, registry: Registry, service: Service) -> Response:
+    return await _predict(request, registry, service, None, None)
+
+
+@router.post("/v1/models/{name}:predict", summary="Predict with a model's default version")
+async def predict_model(
+    name: str, request: Request, registry: Registry, service: Service
+) -> Response:
+    return await _predict(request, registry, service, name, None)
+
+
+@router.post("/v1/models/{name}/versions/{version}:predict", summary="Predict with one version")
+async def predict_version(
+    name: str, version: str, request: Request, registry: Registry, service: Service
+) -> Response:
+    return await _predict(request, registry, service, name, version)
+
+
+@router.get("/v1/models/{name}", summary="Status of a model's versions")
+async def model_status(name: str, registry: Registry) -> Response:
+    served = registry.get(name)
+    body = {
+        "name": served.name,
+        "default_version": str(served.default_version),
+        "model_version_status": [
+            {
+                "version": str(number),
+                "state": "AVAILABLE" if v.batcher.accepting else "UNLOADING",
+                "device": str(v.model.device),
+                "sha256": v.model.sha256,
+            }
+            for number, v in sorted(served.versions.items())
+        ],
+    }
+    return Response(orjson.dumps(body), media_type="application/json")

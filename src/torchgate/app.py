@@ -1,0 +1,88 @@
+"""`create_app(settings)`: builds a whole torchgate app; the lifespan loads and serves models."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import torch
+from fastapi import FastAPI
+from prometheus_client import CollectorRegistry
+
+from torchgate import __version__
+from torchgate.api import errors, health, v1
+from torchgate.config import Settings
+from torchgate.metrics import Metrics
+from torchgate.middleware.context import RequestContextMiddleware
+from torchgate.middleware.metrics import MetricsMiddleware
+from torchgate.serving.registry import ModelRegistry
+from torchgate.serving.repository import ModelFolder, ModelRepository
+from torchgate.serving.service import InferenceService
+
+log = logging.getLogger("torchgate")
+
+
+def torch_threads(settings: Settings) -> int:
+    """Intra-op threads: the setting, or half the cores so the event loop keeps one."""
+    if settings.torch_threads:
+        return settings.torch_threads
+    return max(1, (os.cpu_count() or 2) // 2)
+
+
+def create_app(settings: Settings, *, models: dict[str, ModelFolder] | None = None) -> FastAPI:
+    """A torchgate app for `settings`. `models` are already-loaded folders (the CLI loads
+    them first so a broken repository fails before the server starts); otherwise the
+    lifespan loads the repository."""
+    metrics = Metrics(CollectorRegistry(), version=__version__)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        torch.set_num_threads(torch_threads(settings))
+        repository = ModelRepository(settings.models, settings.device)
+        registry = ModelRegistry(repository, settings, metrics)
+        folders = models if models is not None else await asyncio.to_thread(repository.load_all)
+        for folder in folders.values():
+            registry.add(folder)
+        app.state.registry = registry
+        app.state.service = InferenceService(registry, metrics)
+        app.state.ready = True
+        log.info(
+            "serving",
+            extra={
+                "models": registry.names(),
+                "versions": len(registry.versions()),
+                "torch_threads": torch.get_num_threads(),
+            },
+        )
+        try:
+            yield
+        finally:
+            app.state.ready = False
+            app.state.draining = True
+            drained = await registry.drain(settings.drain_timeout_s)
+            await registry.aclose()
+            log.info("stopped", extra={"drained": drained})
+
+    app = FastAPI(
+        title="torchgate",
+        version=__version__,
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.ready = False
+    app.state.draining = False
+    app.state.readiness_checks = []
+    errors.install(app)
+    app.include_router(health.router)
+    app.include_router(v1.router)
+    # add_middleware wraps: the last added is the outermost
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app.add_middleware(RequestContextMiddleware)
+    return app

@@ -1,0 +1,72 @@
+"""Settings: one pydantic-settings class, read from `TORCHGATE_*` variables and the CLI."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+_RATE = re.compile(r"^\s*\d+\s*(/|per)\s*\d*\s*(second|minute|hour|day)s?\s*$")
+
+
+class Settings(BaseSettings):
+    """Everything an operator can set. Every field is `TORCHGATE_<NAME>` in the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="TORCHGATE_", extra="ignore")
+
+    # where and what to serve
+    models: Path = Field(Path("models"), description="model repository directory")
+    default_model: str | None = Field(None, description="model behind POST /predict")
+    device: str = Field("auto", description="cpu, cuda, cuda:N or auto")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    torch_threads: int = Field(0, ge=0, description="intra-op threads on CPU; 0 = from cores")
+
+    # batching, overriding every model's [batching] when set
+    max_delay_ms: float | None = Field(None, ge=0)
+    max_queue_rows: int | None = Field(None, ge=1)
+    batch_timeout_ms: float | None = Field(None, gt=0)
+
+    # security
+    auth: Literal["on", "off"] = "on"
+    api_keys: str | None = Field(None, description="comma-separated plain keys, scope infer")
+    api_keys_file: Path | None = None
+    metrics_require_key: bool = False
+    rate_limit: str = "100/minute"
+    max_body_bytes: int = Field(10 * 1024 * 1024, ge=1024)
+    body_timeout_s: float = Field(30.0, gt=0)
+    max_json_depth: int = Field(64, ge=2)
+    max_text_length: int = Field(10_000, ge=1)
+    deny_phrases: str | None = Field(None, description="comma-separated phrases to refuse")
+
+    # shared state and resilience
+    redis_url: str | None = None
+    cache_ttl_s: float | None = Field(None, ge=0)
+    breaker_failures: int = Field(5, ge=1)
+    breaker_cooldown_s: float = Field(30.0, gt=0)
+    drain_timeout_s: float = Field(30.0, gt=0)
+    model_control: Literal["none", "explicit"] = "none"
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+            raise ValueError("device must be cpu, cuda, cuda:N or auto")
+        return value
+
+    @field_validator("rate_limit")
+    @classmethod
+    def _rate(cls, value: str) -> str:
+        if not _RATE.match(value):
+            raise ValueError("rate_limit must read like '100/minute' or '10 per second'")
+        return value
+
+    def plain_api_keys(self) -> list[str]:
+        return [k.strip() for k in (self.api_keys or "").split(",") if k.strip()]
+
+    def deny_list(self) -> list[str]:
+        return [p.strip() for p in (self.deny_phrases or "").split(",") if p.strip()]

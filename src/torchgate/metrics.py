@@ -1,0 +1,181 @@
+"""Every Prometheus metric torchgate exposes, defined in one place on an injected registry.
+
+Labels are bounded: `model` and `version` only ever take names of loaded models (requests
+for anything else count under `_unknown`), `route` is a route template or `unmatched`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+)
+
+UNKNOWN = "_unknown"
+
+LATENCY_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+FAST_BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+@dataclass(slots=True)
+class BatcherMetrics:
+    """The children one `Batcher` writes to, bound to its model and version."""
+
+    batch_size: Histogram
+    queue_rows: Gauge
+    queue_wait: Histogram
+    compute: Histogram
+    shed_queue_full: Counter
+    shed_deadline: Counter
+
+
+class Metrics:
+    """All of torchgate's metrics, registered on `registry` (one per app)."""
+
+    def __init__(self, registry: CollectorRegistry, *, version: str) -> None:
+        self.registry = registry
+        ProcessCollector(registry=registry)
+        PlatformCollector(registry=registry)
+        Info("torchgate_build", "torchgate build", registry=registry).info({"version": version})
+
+        # the article's four
+        self.requests = Counter(
+            "ai_requests_total",
+            "Inference requests by model and HTTP status",
+            ["model", "status"],
+            registry=registry,
+        )
+        self.latency = Histogram(
+            "ai_request_latency_seconds",
+            "Inference request latency, receipt to response",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.predictions = Counter(
+            "ai_predictions_total",
+            "Predicted rows by model and top class",
+            ["model", "class"],
+            registry=registry,
+        )
+        self.load_bytes = Gauge(
+            "ai_model_load_bytes",
+            "Parameter and buffer bytes of a loaded version",
+            ["model", "version"],
+            registry=registry,
+        )
+
+        # HTTP and capacity
+        self.http_requests = Counter(
+            "torchgate_http_requests_total",
+            "HTTP requests by route template and status",
+            ["route", "method", "status"],
+            registry=registry,
+        )
+        self.inflight = Gauge(
+            "torchgate_inflight_requests",
+            "HTTP requests being served now",
+            registry=registry,
+        )
+        self.models_loaded = Gauge(
+            "torchgate_models_loaded",
+            "Model versions loaded and serving",
+            registry=registry,
+        )
+
+        # batching
+        self.batch_size = Histogram(
+            "torchgate_batch_size",
+            "Rows per forward pass",
+            ["model", "version"],
+            buckets=BATCH_BUCKETS,
+            registry=registry,
+        )
+        self.queue_rows = Gauge(
+            "torchgate_queue_rows",
+            "Rows waiting in a batcher's queue",
+            ["model", "version"],
+            registry=registry,
+        )
+        self.queue_wait = Histogram(
+            "torchgate_queue_wait_seconds",
+            "Time from queueing to the start of its forward",
+            ["model", "version"],
+            buckets=FAST_BUCKETS,
+            registry=registry,
+        )
+        self.compute = Histogram(
+            "torchgate_compute_seconds",
+            "Duration of one forward pass",
+            ["model", "version"],
+            buckets=FAST_BUCKETS,
+            registry=registry,
+        )
+        self.shed = Counter(
+            "torchgate_shed_total",
+            "Requests refused or dropped to protect the server",
+            ["model", "reason"],
+            registry=registry,
+        )
+
+    def for_batcher(self, model: str, version: str) -> BatcherMetrics:
+        return BatcherMetrics(
+            batch_size=self.batch_size.labels(model, version),
+            queue_rows=self.queue_rows.labels(model, version),
+            queue_wait=self.queue_wait.labels(model, version),
+            compute=self.compute.labels(model, version),
+            shed_queue_full=self.shed.labels(model, "queue_full"),
+            shed_deadline=self.shed.labels(model, "deadline"),
+        )
+
+    def forget_version(self, model: str, version: str) -> None:
+        """Drop the series of an unloaded version so they do not linger at stale values."""
+        for metric in (
+            self.batch_size,
+            self.queue_rows,
+            self.queue_wait,
+            self.compute,
+            self.load_bytes,
+        ):
+            with contextlib.suppress(KeyError):
+                metric.remove(model, version)

@@ -1,0 +1,1 @@
+"""Pure ASGI middleware, outermost first: request context, metrics, auth, limits."""

@@ -1,0 +1,56 @@
+"""Request metrics: in-flight gauge, per-route HTTP counts, and the article's per-model series."""
+
+from __future__ import annotations
+
+import time
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from torchgate.metrics import UNKNOWN, Metrics
+
+INFERENCE_ROUTES = ("/predict", "/v1/models/", "/v2/models/")
+
+
+class MetricsMiddleware:
+    """Counts every HTTP request by route template; inference requests also by model.
+
+    The model label comes from `scope["state"]["model"]`, which handlers set only once the
+    model is known to be loaded, so a hostile URL can never mint a new label value.
+    """
+
+    def __init__(self, app: ASGIApp, *, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        m = self.metrics
+        started = time.perf_counter()
+        status = 500
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        m.inflight.inc()
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            m.inflight.dec()
+            route = scope.get("route")
+            template = getattr(route, "path", None) or "unmatched"
+            code = str(status)
+            m.http_requests.labels(template, scope["method"], code).inc()
+            path = scope["path"]
+            if (
+                scope["method"] == "POST"
+                and path.startswith(INFERENCE_ROUTES)
+                and (path == "/predict" or path.endswith((":predict", "/infer")))
+            ):
+                model = scope.get("state", {}).get("model", UNKNOWN)
+                m.requests.labels(model, code).inc()
+                m.latency.labels(model).observe(time.perf_counter() - started)

@@ -1,0 +1,1 @@
+"""The serving core: model repository, router, cache, breaker, batcher and runner."""

@@ -1,0 +1,328 @@
+"""`Batcher`: the dynamic batcher of one model version.
+
+Requests queue with their rows and a future. A runner takes the first request, gathers
+more (up to `max_batch_size` rows, never splitting a request) for at most `max_delay_s`
+counted from the first one's arrival, and runs one forward in its own thread. With the
+default delay of 0 an idle runner never makes a lone request wait: batches form from what
+queued up while the runners were busy, as Triton's dynamic batcher does. The queue is
+bounded in rows (beyond it: `QueueFull`, at once), every request has a deadline while it
+waits (`DeadlineExceeded`, and it is never computed), and a caller that goes away before
+its batch runs is dropped. A failing batch is retried request by request, so one poisoned
+input fails only itself.
+
+This is torchgate's core, written here rather than taken from a library: none of the
+asyncio batching helpers bounds the queue in rows, expires queued work, or isolates a
+poisoned request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from torchgate.errors import DeadlineExceeded, Draining, InferenceFailed, QueueFull
+from torchgate.metrics import BatcherMetrics
+from torchgate.serving.model import LoadedModel
+
+log = logging.getLogger("torchgate.batching")
+
+
+@dataclass(slots=True)
+class BatchResult:
+    """One request's share of a forward: its outputs and where its time went."""
+
+    outputs: list[np.ndarray]
+    queue_s: float
+    compute_s: float
+
+
+@dataclass(slots=True, eq=False)
+class _Pending:
+    inputs: list[np.ndarray]
+    rows: int
+    future: asyncio.Future[BatchResult]
+    enqueued: float
+    timer: asyncio.TimerHandle | None = None
+    queued: bool = True
+
+
+@dataclass(slots=True)
+class BatcherOptions:
+    max_batch_size: int
+    max_delay_s: float = 0.0
+    max_queue_rows: int = 2048
+    timeout_s: float = 10.0
+    instances: int = 1
+
+
+@dataclass(slots=True)
+class _Outcome:
+    outputs: list[np.ndarray] | None = None
+    error: BaseException | None = None
+    compute_s: float = 0.0
+
+
+@dataclass
+class Batcher:
+    """Queue, gather, forward, split: one per served model version."""
+
+    model: LoadedModel
+    options: BatcherOptions
+    metrics: BatcherMetrics
+    clock: Callable[[], float] = time.monotonic
+    _queue: deque[_Pending] = field(default_factory=deque, init=False)
+    _queued_rows: int = field(default=0, init=False)
+    _busy: int = field(default=0, init=False)
+    _accepting: bool = field(default=True, init=False)
+    _closing: bool = field(default=False, init=False)
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list, init=False)
+
+    def __post_init__(self) -> None:
+        self._batched = self.model.config.batched
+        self._max_rows = self.options.max_batch_size if self._batched else 1
+        self._wakeup = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._executor = ThreadPoolExecutor(
+            max_workers=self.options.instances, thread_name_prefix=f"runner-{self.model.key}"
+        )
+
+    # lifecycle ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        for instance in range(self.options.instances):
+            task = asyncio.create_task(self._run(instance), name=f"batcher-{self.model.key}")
+            self._tasks.append(task)
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Stop taking requests and wait until everything queued has been answered."""
+        self._accepting = False
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
+
+    async def aclose(self) -> None:
+        """Stop the runners; whatever is still queued is answered with 503."""
+        self._accepting = False
+        self._closing = True
+        self._wakeup.set()
+        for task in self._tasks:
+            await task
+        self._tasks.clear()
+        while self._queue:
+            pending = self._queue.popleft()
+            self._forget(pending)
+            if not pending.future.done():
+                pending.future.set_exception(Draining())
+        self._executor.shutdown(wait=True)
+
+    @property
+    def queued_rows(self) -> int:
+        return self._queued_rows
+
+    @property
+    def accepting(self) -> bool:
+        return self._accepting
+
+    # the caller's side ----------------------------------------------------------------------
+
+    async def infer(self, inputs: list[np.ndarray], rows: int) -> BatchResult:
+        """Queue `rows` rows and wait for their outputs (raises a `TorchgateError`)."""
+        return await self.submit(inputs, rows)
+
+    def submit(self, inputs: list[np.ndarray], rows: int) -> asyncio.Future[BatchResult]:
+        if not self._accepting:
+            raise Draining()
+        if self._queued_rows + rows > self.options.max_queue_rows:
+            self.metrics.shed_queue_full.inc()
+            raise QueueFull(
+                f"model {self.model.key} is overloaded: {self._queued_rows} rows queued",
+                retry_after_s=1,
+            )
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[BatchResult] = loop.create_future()
+        pending = _Pending(inputs, rows, future, self.clock())
+        pending.timer = loop.call_later(self.options.timeout_s, self._expire, pending)
+        future.add_done_callback(lambda _: self._forget(pending))
+        self._queue.append(pending)
+        self._queued_rows += rows
+        self.metrics.queue_rows.set(self._queued_rows)
+        self._idle.clear()
+        self._wakeup.set()
+        return future
+
+    def _expire(self, pending: _Pending) -> None:
+        if not pending.future.done():
+            self.metrics.shed_deadline.inc()
+            pending.future.set_exception(
+                DeadlineExceeded(
+                    f"request waited {self.options.timeout_s * 1000:.0f} ms in the queue of "
+                    f"{self.model.key} without being computed"
+                )
+            )
+
+    def _forget(self, pending: _Pending) -> None:
+        """Take a request out of the queue's accounting (taken, expired or cancelled)."""
+        if pending.queued:
+            pending.queued = False
+            self._queued_rows -= pending.rows
+            self.metrics.queue_rows.set(self._queued_rows)
+            self._maybe_idle()
+
+    def _maybe_idle(self) -> None:
+        if self._queued_rows == 0 and self._busy == 0:
+            self._idle.set()
+
+    # the runner's side ----------------------------------------------------------------------
+
+    def _take(self, batch: list[_Pending], rows: int) -> int:
+        """Move queued requests into `batch` while they fit; returns the rows in it."""
+        queue = self._queue
+        while queue:
+            head = queue[0]
+            if not head.queued:
+                queue.popleft()
+                continue
+            if rows + head.rows > self._max_rows and batch:
+                break
+            queue.popleft()
+            self._forget(head)
+            batch.append(head)
+            rows += head.rows
+        return rows
+
+    async def _gather(self) -> list[_Pending] | None:
+        while True:
+            while not self._queue:
+                if self._closing:
+                    return None
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            if self._closing:
+                return None
+            batch: list[_Pending] = []
+            self._busy += 1  # held from here, so that a drain never sees idle mid-gather
+            rows = self._take(batch, 0)
+            if batch and self.options.max_delay_s > 0 and rows < self._max_rows:
+                until = batch[0].enqueued + self.options.max_delay_s
+                while rows < self._max_rows and not self._closing:
+                    left = until - self.clock()
+                    if left <= 0:
+                        break
+                    self._wakeup.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wakeup.wait(), left)
+                    before = len(batch)
+                    rows = self._take(batch, rows)
+                    if len(batch) == before and self._queue:
+                        break  # the next request does not fit: run what we have
+            live = [p for p in batch if not p.future.done()]
+            if live:
+                return live
+            self._busy -= 1
+            self._maybe_idle()
+
+    async def _run(self, instance: int) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self._gather()
+            if batch is None:
+                return
+            started = self.clock()
+            for pending in batch:
+                if pending.timer is not None:
+                    pending.timer.cancel()
+                self.metrics.queue_wait.observe(started - pending.enqueued)
+            try:
+                outcomes = await loop.run_in_executor(
+                    self._executor, self._compute, batch, instance
+                )
+            except BaseException as exc:  # the executor itself failed: answer, then go on
+                log.exception("runner failed", extra={"model": self.model.key})
+                outcomes = [_Outcome(error=exc) for _ in batch]
+            for pending, outcome in zip(batch, outcomes, strict=True):
+                if pending.future.done():
+                    continue
+                if outcome.error is not None:
+                    pending.future.set_exception(
+                        InferenceFailed(
+                            f"model {self.model.key} failed on this request "
+                            f"({type(outcome.error).__name__})"
+                        )
+                    )
+                else:
+                    assert outcome.outputs is not None
+                    pending.future.set_result(
+                        BatchResult(outcome.outputs, started - pending.enqueued, outcome.compute_s)
+                    )
+            self._busy -= 1
+            self._maybe_idle()
+
+    def _compute(self, batch: list[_Pending], instance: int) -> list[_Outcome]:
+        """Runs in a runner thread: one forward for the batch, or one per request if it fails."""
+        rows = sum(p.rows for p in batch)
+        if len(batch) > 1:
+            try:
+                inputs = [
+                    np.concatenate([p.inputs[i] for p in batch])
+                    for i in range(len(batch[0].inputs))
+                ]
+            except ValueError:  # variable-shaped inputs that do not stack: run one by one
+                return [self._compute_one(p, instance) for p in batch]
+        else:
+            inputs = batch[0].inputs
+        started = self.clock()
+        try:
+            outputs = self._forward(inputs, rows, instance)
+        except Exception as exc:
+            if len(batch) == 1:
+                log.exception("forward failed", extra={"model": self.model.key, "rows": rows})
+                return [_Outcome(error=exc)]
+            log.warning(
+                "batch forward failed, retrying its requests one by one",
+                extra={"model": self.model.key, "rows": rows, "requests": len(batch)},
+            )
+            return [self._compute_one(p, instance) for p in batch]
+        compute_s = self.clock() - started
+        self.metrics.compute.observe(compute_s)
+        self.metrics.batch_size.observe(rows)
+        results: list[_Outcome] = []
+        offset = 0
+        for p in batch:
+            results.append(
+                _Outcome([o[offset : offset + p.rows] for o in outputs], compute_s=compute_s)
+            )
+            offset += p.rows
+        return results
+
+    def _compute_one(self, pending: _Pending, instance: int) -> _Outcome:
+        started = self.clock()
+        try:
+            outputs = self._forward(pending.inputs, pending.rows, instance)
+        except Exception as exc:
+            log.exception("forward failed", extra={"model": self.model.key, "rows": pending.rows})
+            return _Outcome(error=exc)
+        compute_s = self.clock() - started
+        self.metrics.compute.observe(compute_s)
+        self.metrics.batch_size.observe(pending.rows)
+        return _Outcome(outputs, compute_s=compute_s)
+
+    def _forward(self, inputs: list[np.ndarray], rows: int, instance: int) -> list[np.ndarray]:
+        outputs = self.model.forward(inputs, instance)
+        if self._batched:
+            for out in outputs:
+                if out.ndim == 0 or out.shape[0] != rows:
+                    raise RuntimeError(
+                        f"model returned {out.shape[0] if out.ndim else 0} rows for {rows}"
+                    )
+        return outputs

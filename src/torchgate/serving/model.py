@@ -1,0 +1,89 @@
+"""`LoadedModel`: one TorchScript version on its device, and the forward pass the runners call."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from torchgate.serving.datatypes import NUMPY, to_numpy, to_tensor
+from torchgate.serving.model_config import ModelConfig
+
+_AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass(slots=True)
+class LoadedModel:
+    """A model version ready to run: its modules (one per runner on a GPU) and signature."""
+
+    name: str
+    version: int
+    config: ModelConfig
+    path: Path
+    device: torch.device
+    modules: list[torch.jit.ScriptModule]
+    sha256: str
+    load_bytes: int = 0
+    _pin: bool = field(init=False, default=False)
+
+    def __post_init__(self) -> None:
+        self._pin = self.device.type == "cuda"
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}/{self.version}"
+
+    def forward(self, inputs: list[np.ndarray], instance: int = 0) -> list[np.ndarray]:
+        """Run one forward on whole arrays (batch dim first when the model batches).
+
+        Called from a runner thread, never from the event loop. On CUDA the batch is staged
+        in pinned host memory so that the copy to the device does not block.
+        """
+        module = self.modules[instance % len(self.modules)]
+        tensors = []
+        for spec, array in zip(self.config.inputs, inputs, strict=True):
+            tensor = to_tensor(array, spec.datatype)
+            if self._pin:
+                tensor = tensor.pin_memory().to(self.device, non_blocking=True)
+            tensors.append(tensor)
+        autocast = (
+            torch.autocast("cuda", dtype=_AUTOCAST[self.config.precision])
+            if self._pin and self.config.precision in _AUTOCAST
+            else contextlib.nullcontext()
+        )
+        with torch.inference_mode(), autocast:
+            result = module(*tensors)
+        return self._outputs(result)
+
+    def _outputs(self, result: object) -> list[np.ndarray]:
+        specs = self.config.outputs
+        if isinstance(result, torch.Tensor):
+            values = [result]
+        elif isinstance(result, dict):
+            missing = [s.name for s in specs if s.name not in result]
+            if missing:
+                raise RuntimeError(f"model returned no output named {missing[0]!r}")
+            values = [result[s.name] for s in specs]
+        elif isinstance(result, list | tuple):
+            values = list(result)
+        else:
+            raise RuntimeError(f"model returned {type(result).__name__}, not tensors")
+        if len(values) != len(specs):
+            raise RuntimeError(f"model returned {len(values)} outputs, signature has {len(specs)}")
+        arrays = []
+        for spec, value in zip(specs, values, strict=True):
+            if not isinstance(value, torch.Tensor):
+                raise RuntimeError(f"output {spec.name!r} is {type(value).__name__}, not a tensor")
+            array = to_numpy(value)
+            wanted = NUMPY[spec.datatype]
+            arrays.append(array if array.dtype == wanted else array.astype(wanted))
+        return arrays
+
+
+def parameter_bytes(module: torch.nn.Module) -> int:
+    """Bytes held by a module's parameters and buffers."""
+    tensors = [*module.parameters(), *module.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors)

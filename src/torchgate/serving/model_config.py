@@ -1,0 +1,95 @@
+"""The schema of `model.toml`: a model's signature, batching, cache and integrity pins."""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from torchgate.serving.datatypes import DATATYPES
+
+MODEL_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TensorSpec(_Strict):
+    """One input or output: its name, datatype and the shape of one row (no batch dim)."""
+
+    name: str = Field(min_length=1, max_length=128)
+    datatype: str
+    shape: tuple[int, ...]
+
+    @field_validator("datatype")
+    @classmethod
+    def _datatype(cls, value: str) -> str:
+        if value not in DATATYPES:
+            raise ValueError(f"datatype must be one of {', '.join(DATATYPES)}")
+        return value
+
+    @field_validator("shape")
+    @classmethod
+    def _shape(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if any(d == 0 or d < -1 for d in value):
+            raise ValueError("every dimension must be positive or -1 (variable)")
+        return value
+
+    @property
+    def row_elements(self) -> int | None:
+        """Elements in one row, or None when a dimension is variable."""
+        return None if -1 in self.shape else math.prod(self.shape)
+
+
+class BatchingConfig(_Strict):
+    max_delay_ms: float = Field(0.0, ge=0, le=10_000)
+    max_queue_rows: int = Field(2048, ge=1)
+    timeout_ms: float = Field(10_000.0, gt=0)
+    instances: int = Field(1, ge=1, le=64)
+
+
+class CacheConfig(_Strict):
+    ttl_s: float = Field(300.0, ge=0)
+    max_entries: int = Field(10_000, ge=1)
+
+
+class ModelConfig(_Strict):
+    """A validated `model.toml`."""
+
+    platform: Literal["torchscript"] = "torchscript"
+    max_batch_size: int = Field(64, ge=0, le=65_536)
+    labels: tuple[str, ...] | None = None
+    default_version: int | Literal["latest"] = "latest"
+    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+    inputs: tuple[TensorSpec, ...] = Field(min_length=1)
+    outputs: tuple[TensorSpec, ...] = Field(min_length=1)
+    batching: BatchingConfig = BatchingConfig()
+    cache: CacheConfig = CacheConfig()
+    sha256: dict[str, str] = Field(
+        default_factory=dict, description="version -> expected SHA-256 of its model.pt"
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelConfig:
+        for group in (self.inputs, self.outputs):
+            names = [t.name for t in group]
+            if len(set(names)) != len(names):
+                raise ValueError(f"tensor names must be unique, got {names}")
+        if self.labels is not None:
+            first = self.outputs[0]
+            if first.shape != (len(self.labels),):
+                raise ValueError(
+                    f"{len(self.labels)} labels need a first output of shape "
+                    f"[{len(self.labels)}], not {list(first.shape)}"
+                )
+        for version, digest in self.sha256.items():
+            if not version.isdigit() or not re.fullmatch(r"[0-9a-f]{64}", digest):
+                raise ValueError("sha256 maps a version number to 64 lowercase hex digits")
+        return self
+
+    @property
+    def batched(self) -> bool:
+        return self.max_batch_size > 0

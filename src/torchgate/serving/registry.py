@@ -1,0 +1,164 @@
+"""`ModelRegistry`: the models being served now, each version with its own batcher.
+
+The repository reads folders from disk; the registry owns what is live: it starts each
+version's batcher, resolves a request's model and version, and stops them on unload.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+from torchgate.config import Settings
+from torchgate.errors import ModelNotFound
+from torchgate.metrics import Metrics
+from torchgate.serving.batching import Batcher, BatcherOptions
+from torchgate.serving.model import LoadedModel
+from torchgate.serving.model_config import MODEL_NAME, ModelConfig
+from torchgate.serving.repository import ModelFolder, ModelRepository
+
+log = logging.getLogger("torchgate.registry")
+
+
+@dataclass(slots=True)
+class ServedVersion:
+    """One version being served: the model and its batcher."""
+
+    model: LoadedModel
+    batcher: Batcher
+
+    @property
+    def name(self) -> str:
+        return self.model.name
+
+    @property
+    def version(self) -> int:
+        return self.model.version
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.model.config
+
+
+@dataclass(slots=True)
+class ServedModel:
+    name: str
+    config: ModelConfig
+    versions: dict[int, ServedVersion]
+    default_version: int
+
+
+class ModelRegistry:
+    """Live models by name; built in the app's lifespan."""
+
+    def __init__(self, repository: ModelRepository, settings: Settings, metrics: Metrics) -> None:
+        self.repository = repository
+        self.settings = settings
+        self.metrics = metrics
+        self._models: dict[str, ServedModel] = {}
+
+    # what is served ----------------------------------------------------------------------
+
+    def names(self) -> list[str]:
+        return sorted(self._models)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._models
+
+    def get(self, name: str) -> ServedModel:
+        served = self._models.get(name)
+        if served is None:
+            shown = name if MODEL_NAME.match(name) and len(name) <= 64 else "(invalid name)"
+            raise ModelNotFound(f"unknown model {shown}")
+        return served
+
+    def resolve(self, name: str, version: str | int | None = None) -> ServedVersion:
+        """The version a request asked for, or the model's default one."""
+        served = self.get(name)
+        if version is None or version == "":
+            return served.versions[served.default_version]
+        number = version if isinstance(version, int) else _version_number(str(version))
+        found = served.versions.get(number) if number is not None else None
+        if found is None:
+            shown = str(version) if str(version).isdigit() and len(str(version)) < 12 else "?"
+            raise ModelNotFound(f"model {name} has no version {shown}")
+        return found
+
+    def default_model(self) -> str:
+        if self.settings.default_model:
+            return self.settings.default_model
+        if len(self._models) == 1:
+            return next(iter(self._models))
+        raise ModelNotFound(
+            "several models are served and TORCHGATE_DEFAULT_MODEL is not set: "
+            "use /v1/models/{name}:predict"
+        )
+
+    def versions(self) -> list[ServedVersion]:
+        return [v for m in self._models.values() for v in m.versions.values()]
+
+    # loading -----------------------------------------------------------------------------
+
+    def add(self, folder: ModelFolder) -> ServedModel:
+        """Serve a loaded folder: start a batcher per version (inside the running loop)."""
+        versions = {n: self._serve(m) for n, m in sorted(folder.versions.items())}
+        served = ServedModel(folder.name, folder.config, versions, folder.default_version)
+        self._models[folder.name] = served
+        self.metrics.models_loaded.set(len(self.versions()))
+        return served
+
+    async def load(self, name: str) -> ServedModel:
+        """(Re)load a model from the repository without blocking the loop."""
+        folder = await asyncio.to_thread(self.repository.load, name)
+        old = self._models.get(name)
+        served = self.add(folder)
+        if old is not None:
+            await self._stop(old, keep=set(served.versions))
+        return served
+
+    async def unload(self, name: str) -> None:
+        served = self.get(name)
+        del self._models[name]
+        self.metrics.models_loaded.set(len(self.versions()))
+        await self._stop(served)
+
+    async def drain(self, timeout_s: float) -> bool:
+        results = await asyncio.gather(*(v.batcher.drain(timeout_s) for v in self.versions()))
+        return all(results)
+
+    async def aclose(self) -> None:
+        for served in list(self._models.values()):
+            await self._stop(served, keep=set(served.versions))
+        self._models.clear()
+
+    def _serve(self, model: LoadedModel) -> ServedVersion:
+        batching = model.config.batching
+        s = self.settings
+        options = BatcherOptions(
+            max_batch_size=model.config.max_batch_size,
+            max_delay_s=(s.max_delay_ms if s.max_delay_ms is not None else batching.max_delay_ms)
+            / 1000,
+            max_queue_rows=s.max_queue_rows or batching.max_queue_rows,
+            timeout_s=(s.batch_timeout_ms or batching.timeout_ms) / 1000,
+            instances=batching.instances,
+        )
+        version = str(model.version)
+        batcher = Batcher(model, options, self.metrics.for_batcher(model.name, version))
+        batcher.start()
+        self.metrics.load_bytes.labels(model.name, version).set(model.load_bytes)
+        return ServedVersion(model, batcher)
+
+    async def _stop(
+        self, served: ServedModel, *, keep: set[int] | frozenset[int] = frozenset()
+    ) -> None:
+        """Let queued requests finish, stop the batchers, drop metrics of versions not kept."""
+        for version in served.versions.values():
+            await version.batcher.drain(self.settings.drain_timeout_s)
+            await version.batcher.aclose()
+            if version.version not in keep:
+                self.metrics.forget_version(served.name, str(version.version))
+
+
+def _version_number(text: str) -> int | None:
+    return int(text) if text.isdigit() and len(text) < 12 else None

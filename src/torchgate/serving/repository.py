@@ -1,0 +1,207 @@
+"""`ModelRepository`: reads the model folders of DESIGN.md, validates and loads them.
+
+Only folders directly under the configured root are read, by name; resolved paths (links
+included) must stay inside the root. Every problem is a `ModelLoadError` naming the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import tomllib
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pydantic
+import torch
+
+from torchgate.errors import ModelLoadError
+from torchgate.serving.datatypes import NUMPY
+from torchgate.serving.model import LoadedModel, parameter_bytes
+from torchgate.serving.model_config import MODEL_NAME, ModelConfig
+
+log = logging.getLogger("torchgate.repository")
+
+WARMUP_ROUNDS = 3
+
+
+@dataclass(slots=True)
+class ModelFolder:
+    """A model as read from disk: its config and every loaded version."""
+
+    name: str
+    config: ModelConfig
+    versions: dict[int, LoadedModel]
+
+    @property
+    def default_version(self) -> int:
+        if self.config.default_version == "latest":
+            return max(self.versions)
+        return self.config.default_version
+
+
+def resolve_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(spec)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelLoadError("device", f"{spec} was asked for but no CUDA device is present")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ModelLoadError("device", f"{spec} does not exist")
+    return device
+
+
+class ModelRepository:
+    """The model folders under one root directory."""
+
+    def __init__(self, root: Path, device: str = "auto") -> None:
+        self.root = root.resolve()
+        self.device_spec = device
+
+    def names(self) -> list[str]:
+        if not self.root.is_dir():
+            raise ModelLoadError(self.root, "model repository is not a directory")
+        return sorted(p.name for p in self.root.iterdir() if (p / "model.toml").is_file())
+
+    def folder(self, name: str) -> Path:
+        if not MODEL_NAME.match(name):
+            raise ModelLoadError(name, "model names are [a-z0-9][a-z0-9_.-]*")
+        path = self._inside(self.root / name)
+        if not (path / "model.toml").is_file():
+            raise ModelLoadError(path, "no model.toml")
+        return path
+
+    def read_config(self, name: str) -> ModelConfig:
+        toml = self._inside(self.folder(name) / "model.toml")
+        try:
+            raw = tomllib.loads(toml.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            raise ModelLoadError(toml, f"not valid TOML ({exc})") from None
+        try:
+            return ModelConfig.model_validate(raw)
+        except pydantic.ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+            more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+            raise ModelLoadError(toml, f"{where}: {first['msg']}{more}") from None
+
+    def versions(self, name: str) -> list[int]:
+        folder = self.folder(name)
+        found = sorted(
+            int(p.name) for p in folder.iterdir() if p.name.isdigit() and (p / "model.pt").exists()
+        )
+        if not found:
+            raise ModelLoadError(folder, "no version folder with a model.pt (e.g. 1/model.pt)")
+        return found
+
+    def load(self, name: str, *, instances: int | None = None) -> ModelFolder:
+        """Read the config and load every version of one model."""
+        config = self.read_config(name)
+        loaded = {
+            v: self.load_version(name, v, config, instances=instances) for v in self.versions(name)
+        }
+        folder = ModelFolder(name, config, loaded)
+        if folder.default_version not in loaded:
+            raise ModelLoadError(
+                self.folder(name) / "model.toml",
+                f"default_version {config.default_version} has no folder",
+            )
+        return folder
+
+    def load_all(self) -> dict[str, ModelFolder]:
+        names = self.names()
+        if not names:
+            raise ModelLoadError(self.root, "no model folders (each needs a model.toml)")
+        return {name: self.load(name) for name in names}
+
+    def load_version(
+        self, name: str, version: int, config: ModelConfig, *, instances: int | None = None
+    ) -> LoadedModel:
+        path = self._inside(self.folder(name) / str(version) / "model.pt")
+        device = resolve_device(self.device_spec)
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise ModelLoadError(path, f"cannot read ({exc.strerror})") from None
+        digest = hashlib.sha256(data).hexdigest()
+        pinned = config.sha256.get(str(version))
+        if pinned is not None and pinned != digest:
+            raise ModelLoadError(path, f"SHA-256 {digest} does not match the pinned {pinned}")
+        # One copy per runner on a GPU so runners never share a stream; CPU runners share one.
+        copies = (instances or config.batching.instances) if device.type == "cuda" else 1
+        before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+        modules = [self._jit_load(path, device) for _ in range(copies)]
+        model = LoadedModel(name, version, config, path, device, modules, digest)
+        self._check_signature(model)
+        gpu_bytes = torch.cuda.memory_allocated(device) - before if device.type == "cuda" else 0
+        model.load_bytes = max(parameter_bytes(modules[0]) * copies, gpu_bytes)
+        log.info(
+            "model loaded",
+            extra={
+                "model": name,
+                "version": version,
+                "device": str(device),
+                "load_bytes": model.load_bytes,
+            },
+        )
+        return model
+
+    def _inside(self, path: Path) -> Path:
+        resolved = path.resolve()
+        if not resolved.is_relative_to(self.root):
+            raise ModelLoadError(path, "resolves outside the model repository")
+        return resolved
+
+    @staticmethod
+    def _jit_load(path: Path, device: torch.device) -> torch.jit.ScriptModule:
+        try:
+            with warnings.catch_warnings():
+                # TorchScript is the format torchgate serves; torch 2.9+ flags it deprecated
+                warnings.filterwarnings("ignore", r"`torch\.jit\.load` is deprecated")
+                module = torch.jit.load(str(path), map_location=device)
+        except Exception as exc:  # torch raises RuntimeError, ValueError or worse on bad files
+            problem = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelLoadError(
+                path, f"not a loadable TorchScript archive ({problem[:200]})"
+            ) from None
+        module.eval()
+        return module
+
+    @staticmethod
+    def _check_signature(model: LoadedModel) -> None:
+        """Run dummy forwards on the declared shapes, check the outputs, and warm up."""
+        config = model.config
+        sizes = (
+            sorted({1, min(2, config.max_batch_size), config.max_batch_size})
+            if config.batched
+            else [0]
+        )
+        for rows in sizes:
+            inputs = [_dummy(spec.shape, spec.datatype, rows) for spec in config.inputs]
+            for _ in range(WARMUP_ROUNDS):
+                try:
+                    outputs = model.forward(inputs)
+                except Exception as exc:
+                    problem = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+                    raise ModelLoadError(
+                        model.path, f"forward on the declared input shapes failed: {problem[:300]}"
+                    ) from None
+            for spec, out in zip(config.outputs, outputs, strict=True):
+                want = ((rows,) if config.batched else ()) + spec.shape
+                if len(out.shape) != len(want) or any(
+                    w != -1 and w != g for w, g in zip(want, out.shape, strict=True)
+                ):
+                    raise ModelLoadError(
+                        model.path,
+                        f"output {spec.name!r} has shape {list(out.shape)}, "
+                        f"model.toml declares {list(want)}",
+                    )
+
+
+def _dummy(shape: tuple[int, ...], datatype: str, rows: int) -> np.ndarray:
+    dims = tuple(1 if d == -1 else d for d in shape)
+    full = ((rows,) if rows else ()) + dims
+    return np.zeros(full, dtype=NUMPY[datatype])

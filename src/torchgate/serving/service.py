@@ -1,0 +1,106 @@
+"""`InferenceService`: the request path after decoding, shared by every protocol.
+
+A decoded request goes: model router (version) -> inference cache -> circuit breaker ->
+batcher; the outputs come back with where the time went, ready for a codec to encode.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import numpy as np
+
+from torchgate.errors import ClientDisconnected
+from torchgate.metrics import Metrics
+from torchgate.serving.registry import ModelRegistry, ServedVersion
+
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+T = TypeVar("T")
+
+
+@dataclass(slots=True)
+class InferenceResult:
+    """What a codec needs to answer: outputs (batch dim first) and how they were made."""
+
+    served: ServedVersion
+    outputs: list[np.ndarray]
+    queue_s: float = 0.0
+    compute_s: float = 0.0
+    cache: str | None = None
+    top: np.ndarray | None = None
+    top_probability: np.ndarray | None = None
+
+
+class InferenceService:
+    """Runs decoded requests through the serving core."""
+
+    def __init__(self, registry: ModelRegistry, metrics: Metrics) -> None:
+        self.registry = registry
+        self.metrics = metrics
+
+    async def infer(
+        self,
+        served: ServedVersion,
+        inputs: list[np.ndarray],
+        rows: int,
+        *,
+        receive: Receive | None = None,
+    ) -> InferenceResult:
+        future = served.batcher.submit(inputs, rows)
+        if receive is None:
+            result = await future
+        else:
+            result = await _unless_disconnected(future, receive)
+        answer = InferenceResult(served, result.outputs, result.queue_s, result.compute_s)
+        self._label(answer)
+        return answer
+
+    def _label(self, result: InferenceResult) -> None:
+        """Top class and probability per row for models with labels, counted by class."""
+        labels = result.served.config.labels
+        if labels is None or not result.served.config.batched:
+            return
+        top, probability = softmax_top(result.outputs[0])
+        result.top, result.top_probability = top, probability
+        counter = self.metrics.predictions
+        for index, count in enumerate(np.bincount(top, minlength=len(labels))):
+            if count:
+                counter.labels(result.served.name, labels[index]).inc(int(count))
+
+
+async def _unless_disconnected(future: asyncio.Future[T], receive: Receive) -> T:
+    """Await `future`, cancelling it (so it is never computed) if the client goes away.
+
+    The body has been read, so the next ASGI message on this request is the disconnect.
+    """
+
+    async def watch() -> None:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            future.cancel()
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        return await future
+    except asyncio.CancelledError:
+        if watcher.done() and not watcher.cancelled():
+            raise ClientDisconnected() from None
+        raise
+    finally:
+        watcher.cancel()
+
+
+def softmax_top(outputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's top class and its probability (logits are soft-maxed, probabilities kept)."""
+    scores = outputs.astype(np.float64).reshape(outputs.shape[0], -1)
+    looks_like_probabilities = (
+        scores.size > 0 and scores.min() >= 0 and np.allclose(scores.sum(axis=1), 1, atol=1e-3)
+    )
+    if not looks_like_probabilities:
+        shifted = np.exp(scores - scores.max(axis=1, keepdims=True))
+        scores = shifted / shifted.sum(axis=1, keepdims=True)
+    top = scores.argmax(axis=1)
+    return top, scores[np.arange(len(top)), top]

@@ -1,0 +1,80 @@
+"""Every kind of bad input gets its status and `{"error": ...}`, and the server keeps serving."""
+
+from __future__ import annotations
+
+import httpx
+import numpy as np
+import pytest
+
+from tests.support import MODELS
+
+GOOD = {"instances": [np.load(MODELS / "digits" / "validation.npz")["x"][0].tolist()]}
+ROW = [[[[0.0] * 8 for _ in range(8)]]]  # one row, shape [1, 8, 8]
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "headers", "status", "fragment"),
+    [
+        (
+            "/predict",
+            b"this is not json",
+            {"content-type": "application/json"},
+            400,
+            "malformed JSON",
+        ),
+        ("/predict", b"", {"content-type": "application/json"}, 400, "empty body"),
+        ("/predict", b'{"rows": []}', {}, 400, "instances"),
+        ("/predict", b'{"instances": {}}', {}, 400, "list of rows"),
+        ("/predict", b'{"instances": []}', {}, 400, "at least one row"),
+        ("/predict", b'{"instances": [[1, 2, 3]]}', {}, 400, "shape [1, 3]"),
+        ("/predict", b'{"instances": [[[["a"]]]]}', {}, 400, "expected numbers"),
+        ("/predict", b'{"instances": [[[[1, "2"]]]]}', {}, 400, "expected numbers"),
+        ("/predict", b'{"instances": [[[[1, 2], [3]]]]}', {}, 400, "one shape"),
+        ("/predict", b'{"instances": [[[[NaN]]]]}', {}, 400, "malformed JSON"),
+        ("/predict", b'{"instances": [[[[Infinity]]]]}', {}, 400, "malformed JSON"),
+        ("/predict", b'{"instances": [[[[1e999]]]]}', {}, 400, "infinity"),
+        ("/predict", b'{"instances": [[[[1e39]]]]}', {}, 400, "infinite"),
+        ("/predict", b'{"instances": [[[[null]]]]}', {}, 400, "numbers"),
+        ("/predict", b"[" * 100_000, {}, 400, "malformed JSON"),
+        ("/v1/models/nope:predict", b'{"instances": []}', {}, 404, "unknown model"),
+        ("/v1/models/digits/versions/9:predict", b'{"instances": []}', {}, 404, "no version 9"),
+        ("/v1/models/digits/versions/x:predict", b'{"instances": []}', {}, 404, "no version"),
+        ("/v1/models/..%2F..%2Fetc:predict", b'{"instances": []}', {}, 404, "not found"),
+        ("/v1/models/..:predict", b'{"instances": []}', {}, 404, "unknown model"),
+        ("/v1/models/.%2E:predict", b'{"instances": []}', {}, 404, "unknown model"),
+        ("/predict", b"{}", {"content-type": "text/plain"}, 415, "content type"),
+    ],
+)
+def test_bad_request_then_good_one(digits_server, path, body, headers, status, fragment):
+    with httpx.Client(base_url=digits_server.url) as client:
+        r = client.post(path, content=body, headers=headers or {"content-type": "application/json"})
+        assert r.status_code == status, r.text
+        assert r.headers["content-type"] == "application/json"
+        error = r.json()["error"]
+        assert fragment in error
+        assert "Traceback" not in r.text and 'File "' not in r.text and "/src/" not in r.text
+        assert client.post("/predict", json=GOOD).status_code == 200
+
+
+def test_more_rows_than_max_batch_size(digits_server):
+    r = httpx.post(digits_server.url + "/predict", json={"instances": ROW * 65})
+    assert r.status_code == 400
+    assert "at most 64" in r.json()["error"]
+    assert (
+        httpx.post(digits_server.url + "/predict", json={"instances": ROW * 64}).status_code == 200
+    )
+
+
+def test_unknown_route_and_method_are_json(digits_server):
+    r = httpx.get(digits_server.url + "/nowhere")
+    assert r.status_code == 404 and r.json() == {"error": "not found"}
+    r = httpx.get(digits_server.url + "/predict")
+    assert r.status_code == 405 and r.json() == {"error": "method not allowed"}
+
+
+def test_unknown_model_names_never_become_metric_labels(digits_server):
+    for i in range(5):
+        httpx.post(digits_server.url + f"/v1/models/evil{i}:predict", json=GOOD)
+    text = httpx.get(digits_server.url + "/metrics").text
+    assert "evil" not in text
+    assert 'ai_requests_total{model="_unknown",status="404"} 5.0' in text

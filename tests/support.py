@@ -1,0 +1,168 @@
+"""Test support: real servers (in a thread or as a `torchgate serve` process) and tiny
+TorchScript models written into temporary model repositories."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import torch
+import uvicorn
+from torch import nn
+
+from torchgate.app import create_app
+from torchgate.config import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = ROOT / "models"
+
+
+class ServerThread:
+    """The real app behind a real uvicorn server on a free 127.0.0.1 port, in a thread."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.app = create_app(settings)
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind(("127.0.0.1", 0))
+        self.port = self._sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(self.app, log_config=None, access_log=False, lifespan="on")
+        self.server = uvicorn.Server(config)
+        self._thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [self._sock]}, daemon=True
+        )
+
+    def __enter__(self) -> ServerThread:
+        self._thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("test server did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self._thread.join(timeout=60)
+        self._sock.close()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def server_process(
+    *args: str, env: dict[str, str] | None = None, ready_path: str = "/health"
+) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """`torchgate serve` as a child process on a free port; stopped by its PID."""
+    port = free_port()
+    full_env = {**os.environ, **(env or {})}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torchgate", "serve", "--port", str(port), *args],
+        env=full_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited {proc.returncode}: {proc.stdout.read()}")
+            try:
+                if httpx.get(url + ready_path, timeout=1).status_code < 500:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("server did not come up")
+            time.sleep(0.1)
+        yield proc, url
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if proc.stdout:
+            proc.stdout.close()
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120):
+    return subprocess.run(
+        [sys.executable, "-m", "torchgate", *args],
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+# tiny TorchScript models -------------------------------------------------------------------
+
+
+class Doubler(nn.Module):
+    """Returns 2 * x; raises on any row holding the sentinel 666; spins when x holds 777."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if bool((x == 666.0).any()):
+            raise RuntimeError("poisoned input")
+        if bool((x == 777.0).any()):
+            y = torch.ones(256, 256)
+            for _ in range(400):
+                y = torch.tanh(y @ y)
+            return x * 2 + y.sum() * 0
+        return x * 2
+
+
+class TwoInputs(nn.Module):
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return a + b.to(a.dtype), (a * b.to(a.dtype)).sum(1)
+
+
+def doubler_toml(max_batch_size: int = 64, **batching: object) -> str:
+    lines = [
+        f"max_batch_size = {max_batch_size}",
+        '[[inputs]]\nname = "x"\ndatatype = "FP32"\nshape = [4]',
+        '[[outputs]]\nname = "y"\ndatatype = "FP32"\nshape = [4]',
+    ]
+    if batching:
+        lines.append("[batching]")
+        lines += [f"{k} = {v}" for k, v in batching.items()]
+    return "\n".join(lines) + "\n"
+
+
+def write_model(
+    repo: Path, name: str, module: nn.Module, toml: str, versions: tuple[int, ...] = (1,)
+) -> Path:
+    folder = repo / name
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "model.toml").write_text(toml)
+    scripted = torch.jit.script(module)
+    for version in versions:
+        (folder / str(version)).mkdir(exist_ok=True)
+        scripted.save(str(folder / str(version) / "model.pt"))
+    return folder
+
+
+def copy_digits(repo: Path) -> Path:
+    target = repo / "digits"
+    shutil.copytree(MODELS / "digits", target)
+    return target
