@@ -119,17 +119,25 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120)
 
 
 class Doubler(nn.Module):
-    """Returns 2 * x; raises on any row holding the sentinel 666; spins when x holds 777."""
+    """Returns 2 * x for rows of 4. A row holding 666 raises. A row [777, n, ...] spins for
+    n * 500 small matmuls (about n * 50 ms on one core) before answering."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if bool((x == 666.0).any()):
             raise RuntimeError("poisoned input")
-        if bool((x == 777.0).any()):
-            y = torch.ones(256, 256)
-            for _ in range(400):
+        slow = x[:, 0] == 777.0
+        if bool(slow.any()):
+            rounds = int(x[:, 1][slow].max().item()) * 500
+            y = torch.ones(128, 128) / 128.0
+            for _ in range(rounds):
                 y = torch.tanh(y @ y)
             return x * 2 + y.sum() * 0
         return x * 2
+
+
+def slow_row(tenths: int) -> list[float]:
+    """A Doubler row that holds a runner for roughly `tenths` * 50 ms."""
+    return [777.0, float(tenths), 0.0, 0.0]
 
 
 class TwoInputs(nn.Module):

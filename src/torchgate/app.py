@@ -47,7 +47,9 @@ def create_app(settings: Settings, *, models: dict[str, ModelFolder] | None = No
         for folder in folders.values():
             registry.add(folder)
         app.state.registry = registry
-        app.state.service = InferenceService(registry, metrics)
+        app.state.service = InferenceService(
+            registry, metrics, draining=lambda: app.state.draining
+        )
         app.state.ready = True
         log.info(
             "serving",

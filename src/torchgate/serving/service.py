@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from torchgate.errors import ClientDisconnected
+from torchgate.errors import ClientDisconnected, Draining
 from torchgate.metrics import Metrics
 from torchgate.serving.registry import ModelRegistry, ServedVersion
 
@@ -37,9 +37,16 @@ class InferenceResult:
 class InferenceService:
     """Runs decoded requests through the serving core."""
 
-    def __init__(self, registry: ModelRegistry, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        metrics: Metrics,
+        *,
+        draining: Callable[[], bool] = lambda: False,
+    ) -> None:
         self.registry = registry
         self.metrics = metrics
+        self._draining = draining
 
     async def infer(
         self,
@@ -49,6 +56,9 @@ class InferenceService:
         *,
         receive: Receive | None = None,
     ) -> InferenceResult:
+        if self._draining():
+            self.metrics.shed.labels(served.name, "draining").inc()
+            raise Draining()
         future = served.batcher.submit(inputs, rows)
         if receive is None:
             result = await future
