@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	touch $(STAMP)
 
 serve: install
-	$(VENV)/bin/torchgate serve --models models --host $(HOST) --port $(PORT) $(SERVE_ARGS)
+	$(VENV)/bin/torchgate serve --models models --default-model digits --host $(HOST) --port $(PORT) $(SERVE_ARGS)
 
 test: install
 	$(VENV)/bin/pytest $(PYTEST_ARGS)

@@ -24,6 +24,9 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
 def make_settings() -> Callable[..., Settings]:
     def make(models: Path = MODELS, **overrides: object) -> Settings:
         overrides.setdefault("auth", "off")
+        overrides.setdefault("rate_limit", "off")
+        if models == MODELS:  # `make bench` may have added models/mlp_wide beside digits
+            overrides.setdefault("default_model", "digits")
         return Settings(models=models, device="cpu", **overrides)
 
     return make

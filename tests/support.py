@@ -4,6 +4,7 @@ TorchScript models written into temporary model repositories."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -70,7 +71,7 @@ def server_process(
 ) -> Iterator[tuple[subprocess.Popen[str], str]]:
     """`torchgate serve` as a child process on a free port; stopped by its PID."""
     port = free_port()
-    full_env = {**os.environ, **(env or {})}
+    full_env = {**os.environ, "TORCHGATE_RATE_LIMIT": "off", **(env or {})}
     proc = subprocess.Popen(
         [sys.executable, "-m", "torchgate", "serve", "--port", str(port), *args],
         env=full_env,
@@ -103,6 +104,18 @@ def server_process(
                 proc.wait()
         if proc.stdout:
             proc.stdout.close()
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """One sample's value from Prometheus text (0 when the series is absent)."""
+    wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    for line in text.splitlines():
+        if line.startswith("#"):
+            continue
+        match = re.match(rf"^{re.escape(name)}(?:\{{(.*)\}})? (\S+)$", line)
+        if match and ",".join(sorted((match.group(1) or "").split(","))) == wanted:
+            return float(match.group(2))
+    return 0.0
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120):

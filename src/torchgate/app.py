@@ -13,11 +13,15 @@ from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
 from torchgate import __version__
-from torchgate.api import errors, health, v1
+from torchgate.api import errors, health, v1, v2
 from torchgate.config import Settings
+from torchgate.keys import KeyStore
 from torchgate.metrics import Metrics
+from torchgate.middleware.auth import AuthMiddleware
+from torchgate.middleware.body import BodyLimitMiddleware
 from torchgate.middleware.context import RequestContextMiddleware
 from torchgate.middleware.metrics import MetricsMiddleware
+from torchgate.middleware.ratelimit import RateLimiter, RateLimitMiddleware
 from torchgate.serving.registry import ModelRegistry
 from torchgate.serving.repository import ModelFolder, ModelRepository
 from torchgate.serving.service import InferenceService
@@ -37,6 +41,13 @@ def create_app(settings: Settings, *, models: dict[str, ModelFolder] | None = No
     them first so a broken repository fails before the server starts); otherwise the
     lifespan loads the repository."""
     metrics = Metrics(CollectorRegistry(), version=__version__)
+    auth_on = settings.auth == "on"
+    keys = KeyStore.load(settings.api_keys_file, settings.plain_api_keys()) if auth_on else None
+    limiter = (
+        None
+        if settings.rate_limit == "off"
+        else RateLimiter(settings.rate_limit, redis_url=settings.redis_url, metrics=metrics)
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -47,10 +58,10 @@ def create_app(settings: Settings, *, models: dict[str, ModelFolder] | None = No
         for folder in folders.values():
             registry.add(folder)
         app.state.registry = registry
-        app.state.service = InferenceService(
-            registry, metrics, draining=lambda: app.state.draining
-        )
+        app.state.service = InferenceService(registry, metrics, draining=lambda: app.state.draining)
         app.state.ready = True
+        if not auth_on:
+            log.warning("authentication is OFF: anyone who can reach this port can use it")
         log.info(
             "serving",
             extra={
@@ -84,7 +95,18 @@ def create_app(settings: Settings, *, models: dict[str, ModelFolder] | None = No
     errors.install(app)
     app.include_router(health.router)
     app.include_router(v1.router)
-    # add_middleware wraps: the last added is the outermost
+    app.include_router(v2.router)
+    # add_middleware wraps: the last added is the outermost. Outermost first: request
+    # context, metrics, auth, rate limit, body limits (DESIGN.md).
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_bytes=settings.max_body_bytes,
+        timeout_s=settings.body_timeout_s,
+        metrics=metrics,
+    )
+    app.add_middleware(RateLimitMiddleware, limiter=limiter)
+    if keys is not None:
+        app.add_middleware(AuthMiddleware, keys=keys, metrics_open=not settings.metrics_require_key)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.add_middleware(RequestContextMiddleware)
     return app

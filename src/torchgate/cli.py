@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import logging
 import os
+import re
 import signal
 import sys
 from collections.abc import Iterator
@@ -16,8 +17,9 @@ import pydantic
 import uvicorn
 
 from torchgate import __version__, logs
-from torchgate.config import Settings
+from torchgate.config import RATE_PATTERN, Settings
 from torchgate.errors import ModelLoadError
+from torchgate.keys import KeyFileError, KeyStore, key_file_entry, new_key
 
 log = logging.getLogger("torchgate")
 
@@ -40,6 +42,10 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-queue-rows", type=int, help="queue bound for every model")
     p.add_argument("--batch-timeout-ms", type=float, help="queue deadline for every model")
     p.add_argument("--drain-timeout-s", type=float, help="grace period on SIGTERM")
+    p.add_argument("--api-keys-file", type=Path, help="TOML keys file (TORCHGATE_API_KEYS_FILE)")
+    p.add_argument("--rate-limit", help="per-key limit, e.g. 100/minute, or off")
+    p.add_argument("--redis-url", help="shared limits and cache, e.g. redis://127.0.0.1:6379/0")
+    p.add_argument("--model-control", choices=["none", "explicit"], help="allow load/unload")
     p.add_argument(
         "--no-auth",
         dest="auth",
@@ -87,6 +93,16 @@ def serve(args: argparse.Namespace) -> int:
         first = exc.errors()[0]
         return _fail(f"setting {'.'.join(map(str, first['loc']))}: {first['msg']}")
     logs.configure(settings.log_level)
+    if settings.auth == "on":
+        try:
+            keys = KeyStore.load(settings.api_keys_file, settings.plain_api_keys())
+        except KeyFileError as exc:
+            return _fail(str(exc))
+        if not len(keys):
+            return _fail(
+                "no API keys configured: set TORCHGATE_API_KEYS_FILE (see `torchgate keys new`) "
+                "or TORCHGATE_API_KEYS, or pass --no-auth for local development"
+            )
     import torch
 
     from torchgate.app import create_app, torch_threads  # torch is imported here, not at --help
@@ -113,14 +129,50 @@ def serve(args: argparse.Namespace) -> int:
     return 0 if server.started else 1
 
 
+def _keys_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("keys", help="manage API keys")
+    keys_sub = p.add_subparsers(dest="keys_command", required=True)
+    new = keys_sub.add_parser("new", help="print a new random key once, and its keys-file entry")
+    new.add_argument("--name", required=True, help="who the key is for (shown in logs)")
+    new.add_argument(
+        "--scope", action="append", choices=["infer", "admin"], help="repeatable; default infer"
+    )
+    new.add_argument("--rate-limit", help="this key's own limit, e.g. 1000/minute")
+    new.add_argument("--key-file", type=Path, help="also write the key itself here (mode 600)")
+    new.add_argument("--keys-file", type=Path, help="append the entry to this keys file")
+
+
+def keys(args: argparse.Namespace) -> int:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}", args.name):
+        return _fail("--name: letters, digits and _.@- only, at most 64")
+    if args.rate_limit and not re.match(RATE_PATTERN, args.rate_limit):
+        return _fail("--rate-limit must read like '1000/minute'")
+    key = new_key()
+    entry = key_file_entry(args.name, key, sorted(set(args.scope or ["infer"])), args.rate_limit)
+    if args.key_file:
+        args.key_file.touch(mode=0o600)
+        args.key_file.write_text(key + "\n")
+    if args.keys_file:
+        with args.keys_file.open("a") as out:
+            out.write(("\n" if args.keys_file.stat().st_size else "") + entry)
+        args.keys_file.chmod(0o600)
+    print(f"key (shown once, store it now): {key}")
+    print("keys-file entry (TORCHGATE_API_KEYS_FILE):")
+    print(entry, end="")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="torchgate", description="TorchScript model server")
     parser.add_argument("--version", action="version", version=f"torchgate {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
+    _keys_parser(sub)
     args = parser.parse_args(argv)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     if args.command == "serve":
         return serve(args)
+    if args.command == "keys":
+        return keys(args)
     parser.error(f"unknown command {args.command}")
     return 2

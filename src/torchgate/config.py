@@ -9,7 +9,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-_RATE = re.compile(r"^\s*\d+\s*(/|per)\s*\d*\s*(second|minute|hour|day)s?\s*$")
+RATE_PATTERN = r"^\s*\d+\s*(/|per)\s*\d*\s*(second|minute|hour|day)s?\s*$"
 
 
 class Settings(BaseSettings):
@@ -39,7 +39,6 @@ class Settings(BaseSettings):
     rate_limit: str = "100/minute"
     max_body_bytes: int = Field(10 * 1024 * 1024, ge=1024)
     body_timeout_s: float = Field(30.0, gt=0)
-    max_json_depth: int = Field(64, ge=2)
     max_text_length: int = Field(10_000, ge=1)
     deny_phrases: str | None = Field(None, description="comma-separated phrases to refuse")
 
@@ -50,6 +49,7 @@ class Settings(BaseSettings):
     breaker_cooldown_s: float = Field(30.0, gt=0)
     drain_timeout_s: float = Field(30.0, gt=0)
     model_control: Literal["none", "explicit"] = "none"
+    sla_p99_ms: float = Field(500.0, gt=0, description="p99 latency objective for alerts")
 
     @field_validator("device")
     @classmethod
@@ -61,8 +61,8 @@ class Settings(BaseSettings):
     @field_validator("rate_limit")
     @classmethod
     def _rate(cls, value: str) -> str:
-        if not _RATE.match(value):
-            raise ValueError("rate_limit must read like '100/minute' or '10 per second'")
+        if value != "off" and not re.match(RATE_PATTERN, value):
+            raise ValueError("rate_limit must read like '100/minute', '10 per second' or 'off'")
         return value
 
     def plain_api_keys(self) -> list[str]:

@@ -67,6 +67,7 @@ class BatcherMetrics:
     compute: Histogram
     shed_queue_full: Counter
     shed_deadline: Counter
+    batch_retries: Counter
 
 
 class Metrics:
@@ -151,10 +152,34 @@ class Metrics:
             buckets=FAST_BUCKETS,
             registry=registry,
         )
+        self.batch_retries = Counter(
+            "torchgate_batch_retries_total",
+            "Batches whose forward failed and were retried request by request",
+            ["model", "version"], registry=registry,
+        )
         self.shed = Counter(
             "torchgate_shed_total",
             "Requests refused or dropped to protect the server",
             ["model", "reason"],
+            registry=registry,
+        )
+
+        # edge protection
+        self.ratelimit_rejections = Counter(
+            "torchgate_ratelimit_rejections_total",
+            "Requests refused with 429, by policy",
+            ["policy"],
+            registry=registry,
+        )
+        self.ratelimit_backend_errors = Counter(
+            "torchgate_ratelimit_backend_errors_total",
+            "Failed calls to the shared rate-limit store (served with local counters)",
+            registry=registry,
+        )
+        self.refused = Counter(
+            "torchgate_refused_requests_total",
+            "Requests refused at the edge, by reason (auth, size, type, timeout)",
+            ["reason"],
             registry=registry,
         )
 
@@ -166,6 +191,7 @@ class Metrics:
             compute=self.compute.labels(model, version),
             shed_queue_full=self.shed.labels(model, "queue_full"),
             shed_deadline=self.shed.labels(model, "deadline"),
+            batch_retries=self.batch_retries.labels(model, version),
         )
 
     def forget_version(self, model: str, version: str) -> None:

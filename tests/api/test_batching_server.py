@@ -4,7 +4,6 @@ client disconnects and a graceful drain on SIGTERM."""
 from __future__ import annotations
 
 import asyncio
-import re
 import signal
 import socket
 import time
@@ -19,19 +18,11 @@ from tests.support import (
     Doubler,
     ServerThread,
     doubler_toml,
+    metric,
     server_process,
     slow_row,
     write_model,
 )
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-    for line in text.splitlines():
-        match = re.match(rf"^{re.escape(name)}\{{(.*)\}} (\S+)$", line)
-        if match and ",".join(sorted(match.group(1).split(","))) == wanted:
-            return float(match.group(2))
-    return 0.0
 
 
 def row(i: float) -> list[float]:
@@ -126,7 +117,7 @@ def test_a_poisoned_row_fails_alone_while_its_batch_neighbours_succeed(doubler_s
 
         async def go() -> list[httpx.Response]:
             async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
-                first = asyncio.create_task(client.post("/predict", json={"instances": [slow_row(4)]}))
+                first = asyncio.create_task(client.post("/predict", json={"instances": [slow_row(10)]}))
                 await asyncio.sleep(0.1)
                 bodies = [{"instances": [row(i)]} for i in range(10)]
                 bodies[4] = {"instances": [[666.0, 0, 0, 0]]}
@@ -139,8 +130,9 @@ def test_a_poisoned_row_fails_alone_while_its_batch_neighbours_succeed(doubler_s
         error = answers[5].json()["error"]
         assert "doubler/1" in error and "Traceback" not in error and ".py" not in error
         text = httpx.get(server.url + "/metrics").text
-        # the neighbours were first sent as one batch, which failed and was retried one by one
-        assert metric(text, "torchgate_batch_size_count", model="doubler", version="1") == 1 + 9
+        # the poisoned row shared a batch with neighbours: that batch failed and was retried
+        # one request at a time
+        assert metric(text, "torchgate_batch_retries_total", model="doubler", version="1") == 1
         assert httpx.post(server.url + "/predict", json={"instances": [row(1)]}).status_code == 200
 
 

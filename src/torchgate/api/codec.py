@@ -47,22 +47,42 @@ def coerce(value: Any, spec: TensorSpec, what: str) -> np.ndarray:
         if kind != "b":
             raise BadRequest(f"{what}: expected true/false (BOOL)")
         return array
+    if spec.datatype == "BF16":  # its numpy stand-in is uint16, so before the integer rules
+        return _bfloat16(array, what)
     if target.kind in "iu":
-        if kind == "f":
+        if kind == "f" and target == np.uint64:
+            array = _uint64(value, array)
+        if array.dtype.kind == "f":
             raise BadRequest(f"{what}: expected integers ({spec.datatype}), got decimals")
         if array.size:
             info = np.iinfo(target)
             if array.min() < info.min or array.max() > info.max:
                 raise BadRequest(f"{what}: values out of range for {spec.datatype}")
         return array.astype(target, copy=False)
-    if spec.datatype == "BF16":
-        as_float = array.astype(np.float32)
-        _finite(as_float, what)
-        return (as_float.view(np.uint32) >> 16).astype(np.uint16)
     with np.errstate(over="ignore", invalid="ignore"):
         out = array.astype(target, copy=False)
     _finite(out, what)
     return out
+
+
+def _bfloat16(array: np.ndarray, what: str) -> np.ndarray:
+    """Floats as BF16 bit patterns, rounded to nearest even as torch rounds them."""
+    as_float = array.astype(np.float32)
+    _finite(as_float, what)
+    bits = as_float.view(np.uint32)
+    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+    if ((rounded & 0x7F80) == 0x7F80).any():
+        raise BadRequest(f"{what}: values out of range for BF16")
+    return rounded
+
+
+def _uint64(value: Any, array: np.ndarray) -> np.ndarray:
+    """Integers past INT64's range make numpy guess float64; read them again as UINT64."""
+    try:
+        exact = np.asarray(value, dtype=np.uint64)
+    except (ValueError, TypeError, OverflowError):
+        return array
+    return exact if np.array_equal(exact, array) else array
 
 
 def _finite(array: np.ndarray, what: str) -> None:

@@ -12,6 +12,9 @@ from torchgate.serving.registry import ModelRegistry
 from torchgate.serving.service import InferenceService
 
 JSON_TYPES = ("application/json",)
+# V2 infer bodies: JSON, or JSON plus binary tensors. tritonclient.http sends no content type
+# (taken as JSON), tritonclient.http.aio (aiohttp) sends application/octet-stream for both.
+V2_TYPES = ("application/json", "application/octet-stream")
 
 
 def _registry(request: Request) -> ModelRegistry:

@@ -288,6 +288,7 @@ class Batcher:
             if len(batch) == 1:
                 log.exception("forward failed", extra={"model": self.model.key, "rows": rows})
                 return [_Outcome(error=exc)]
+            self.metrics.batch_retries.inc()
             log.warning(
                 "batch forward failed, retrying its requests one by one",
                 extra={"model": self.model.key, "rows": rows, "requests": len(batch)},

@@ -1,0 +1,146 @@
+"""The V2 model repository extension (as Triton has it): list the repository's models, and
+load or unload one by name.
+
+Loading and unloading are refused (403) unless `model_control` is "explicit", as Triton
+refuses them outside its explicit mode; the admin scope on `/v2/repository` is the auth
+middleware's to check. A model name is only ever looked up inside the repository folder.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from torchgate.api.codec import parse_json
+from torchgate.api.deps import V2_TYPES, Registry, read_body
+from torchgate.errors import BadRequest, Forbidden, ModelLoadError
+from torchgate.serving.model_config import MODEL_NAME
+from torchgate.serving.registry import ModelRegistry
+from torchgate.serving.repository import ModelRepository
+
+log = logging.getLogger("torchgate.repository")
+
+router = APIRouter(tags=["v2 repository"])
+
+
+def _json(body: object) -> Response:
+    return Response(orjson.dumps(body), media_type="application/json")
+
+
+def _valid_name(name: str) -> bool:
+    return len(name) <= 64 and MODEL_NAME.match(name) is not None
+
+
+def _folders(repository: ModelRepository) -> dict[str, list[str] | str]:
+    """Runs in a thread: each model folder's versions, or why they cannot be read."""
+    try:
+        names = repository.names()
+    except ModelLoadError:
+        return {}
+    found: dict[str, list[str] | str] = {}
+    for name in names:
+        try:
+            found[name] = [str(v) for v in repository.versions(name)]
+        except ModelLoadError as exc:
+            found[name] = exc.problem
+    return found
+
+
+async def on_disk(registry: ModelRegistry, name: str) -> bool:
+    """Whether the repository folder holds a model of this name (loaded or not)."""
+    if not _valid_name(name):
+        return False
+    try:
+        return name in await asyncio.to_thread(registry.repository.names)
+    except ModelLoadError:
+        return False
+
+
+async def _payload(request: Request) -> dict[str, Any]:
+    """The optional JSON object these requests carry (clients send an empty body, too)."""
+    body = await read_body(request, V2_TYPES)
+    payload = parse_json(body) if body.strip() else {}
+    if not isinstance(payload, dict):
+        raise BadRequest("expected a JSON object")
+    return payload
+
+
+def _entry(name: str, version: str, ready: bool, reason: str) -> dict[str, str]:
+    state = "READY" if ready else "UNAVAILABLE"
+    return {"name": name, "version": version, "state": state, "reason": reason}
+
+
+@router.post("/v2/repository/index", summary="Models in the repository and their state")
+async def index(request: Request, registry: Registry) -> Response:
+    ready_only = (await _payload(request)).get("ready", False)
+    if not isinstance(ready_only, bool):
+        raise BadRequest('"ready" must be true or false')
+    loaded = {name: registry.get(name) for name in registry.names()}
+    folders = await asyncio.to_thread(_folders, registry.repository)
+    entries: list[dict[str, str]] = []
+    for name in sorted(set(loaded) | set(folders)):
+        served = loaded.get(name)
+        if served is not None:
+            for number, version in sorted(served.versions.items()):
+                accepting = version.batcher.accepting
+                reason = "" if accepting else "not accepting requests"
+                entries.append(_entry(name, str(number), accepting, reason))
+        elif isinstance(found := folders[name], str):
+            entries.append(_entry(name, "", False, found))
+        else:
+            entries += [_entry(name, version, False, "unloaded") for version in found]
+    if ready_only:
+        entries = [e for e in entries if e["state"] == "READY"]
+    return _json(entries)
+
+
+def _allow_model_control(request: Request) -> None:
+    if request.app.state.settings.model_control != "explicit":
+        raise Forbidden(
+            "model control is disabled: explicit model load / unload needs the server "
+            "started with TORCHGATE_MODEL_CONTROL=explicit"
+        )
+
+
+def _problem(exc: ModelLoadError, root: Path) -> str:
+    """The load error without the server's own paths: relative to the repository root."""
+    path = exc.path
+    if isinstance(path, Path):
+        if not path.is_relative_to(root):
+            return exc.problem
+        return f"{path.relative_to(root)}: {exc.problem}"
+    return f"{path}: {exc.problem}"
+
+
+@router.post("/v2/repository/models/{name}/load", summary="Load or reload a model")
+async def load(name: str, request: Request, registry: Registry) -> Response:
+    _allow_model_control(request)
+    parameters = (await _payload(request)).get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise BadRequest('"parameters" must be an object')
+    if any(k == "config" or str(k).startswith("file:") for k in parameters):
+        raise BadRequest("loading with a config or files sent in the request is not supported")
+    if not _valid_name(name):
+        raise BadRequest("model names are [a-z0-9][a-z0-9_.-]*, at most 64 characters")
+    try:
+        served = await registry.load(name)
+    except ModelLoadError as exc:
+        problem = _problem(exc, registry.repository.root)
+        raise BadRequest(f"model {name} could not be loaded: {problem}") from None
+    versions = [str(v) for v in sorted(served.versions)]
+    log.info("model loaded on request", extra={"model": name, "versions": versions})
+    return _json({"name": name, "versions": versions, "state": "READY"})
+
+
+@router.post("/v2/repository/models/{name}/unload", summary="Unload a model")
+async def unload(name: str, request: Request, registry: Registry) -> Response:
+    _allow_model_control(request)
+    await registry.unload(name)
+    log.info("model unloaded on request", extra={"model": name})
+    return _json({"name": name, "state": "UNAVAILABLE"})

@@ -1,0 +1,127 @@
+"""`KeyStore`: API keys held only as SHA-256 digests, looked up in constant time.
+
+Keys come from a TOML file (`TORCHGATE_API_KEYS_FILE`):
+
+    [[keys]]
+    name = "app1"
+    sha256 = "<hex SHA-256 of the key>"
+    scopes = ["infer"]            # and/or "admin"
+    rate_limit = "1000/minute"    # optional, overrides TORCHGATE_RATE_LIMIT for this key
+
+or, for development, from `TORCHGATE_API_KEYS` (comma-separated plain keys, scope infer),
+which are hashed as they are read. A plain key is never stored or logged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import pydantic
+
+from torchgate.config import RATE_PATTERN
+
+Scope = Literal["infer", "admin"]
+
+
+class KeyFileError(Exception):
+    """The keys file cannot be used; the message names the file and the problem."""
+
+
+class _KeyEntry(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid")
+
+    name: str = pydantic.Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
+    sha256: str = pydantic.Field(pattern=r"^[0-9a-f]{64}$")
+    scopes: list[Scope] = pydantic.Field(default_factory=lambda: ["infer"], min_length=1)
+    rate_limit: str | None = pydantic.Field(None, pattern=RATE_PATTERN)
+
+
+class _KeyFile(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid")
+
+    keys: list[_KeyEntry] = pydantic.Field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKey:
+    name: str
+    digest: bytes
+    scopes: frozenset[str]
+    rate_limit: str | None = None
+
+
+def digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode("utf-8")).digest()
+
+
+def new_key() -> str:
+    """A fresh random key: 256 bits, URL-safe."""
+    return "tg_" + secrets.token_urlsafe(32)
+
+
+def key_file_entry(name: str, key: str, scopes: list[str], rate_limit: str | None = None) -> str:
+    """The TOML block for one key in the keys file."""
+    lines = [
+        "[[keys]]",
+        f'name = "{name}"',
+        f'sha256 = "{digest(key).hex()}"',
+        "scopes = [" + ", ".join(f'"{s}"' for s in scopes) + "]",
+    ]
+    if rate_limit:
+        lines.append(f'rate_limit = "{rate_limit}"')
+    return "\n".join(lines) + "\n"
+
+
+class KeyStore:
+    """The configured keys; `lookup` compares a presented key against every digest."""
+
+    def __init__(self, keys: list[ApiKey]) -> None:
+        names = [k.name for k in keys]
+        if len(set(names)) != len(names):
+            raise KeyFileError("key names must be unique")
+        self._keys = tuple(keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    @classmethod
+    def load(cls, file: Path | None, plain: list[str]) -> KeyStore:
+        keys = [
+            ApiKey(f"env-{i + 1}", digest(k), frozenset({"infer"})) for i, k in enumerate(plain)
+        ]
+        if file is not None:
+            keys += cls._read(file)
+        return cls(keys)
+
+    @staticmethod
+    def _read(file: Path) -> list[ApiKey]:
+        try:
+            raw = tomllib.loads(file.read_text(encoding="utf-8"))
+            parsed = _KeyFile.model_validate(raw)
+        except OSError as exc:
+            raise KeyFileError(f"{file}: cannot read ({exc.strerror})") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise KeyFileError(f"{file}: not valid TOML ({exc})") from None
+        except pydantic.ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise KeyFileError(f"{file}: {where}: {first['msg']}") from None
+        return [
+            ApiKey(e.name, bytes.fromhex(e.sha256), frozenset(e.scopes), e.rate_limit)
+            for e in parsed.keys
+        ]
+
+    def lookup(self, presented: str) -> ApiKey | None:
+        """The key whose digest matches, comparing against all of them in constant time."""
+        wanted = digest(presented)
+        found = None
+        for key in self._keys:
+            if hmac.compare_digest(key.digest, wanted):
+                found = key
+        return found

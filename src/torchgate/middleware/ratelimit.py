@@ -1,0 +1,151 @@
+"""Rate limits per API key (per client address when auth is off), with the `limits` library.
+
+The sliding-window-counter strategy keeps two counters per identity, so memory grows with
+the number of *known* keys (unknown keys are refused by auth first) and expires with the
+window. With `TORCHGATE_REDIS_URL` the counters live in Redis and every replica enforces
+one limit. If Redis fails, requests are still served: the limiter falls back to its
+in-process counters for a second at a time, counts the error and logs it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from limits import RateLimitItem, parse
+from limits.aio.storage import MemoryStorage, RedisStorage
+from limits.aio.strategies import SlidingWindowCounterRateLimiter
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from torchgate.metrics import Metrics
+from torchgate.middleware.auth import OBSERVABILITY, PROBES
+from torchgate.middleware.responses import send_error
+
+log = logging.getLogger("torchgate.ratelimit")
+
+SHARED_RETRY_S = 1.0
+_UNLIMITED = PROBES | OBSERVABILITY
+
+
+@dataclass(slots=True)
+class Decision:
+    allowed: bool
+    policy: str
+    limit: int
+    window_s: int
+    remaining: int
+    reset_s: int
+
+    def header_dict(self) -> dict[str, str]:
+        """The IETF draft's structured fields and the older X-less trio clients still read."""
+        return {
+            "RateLimit-Policy": f'"{self.policy}";q={self.limit};w={self.window_s}',
+            "RateLimit": f'"{self.policy}";r={self.remaining};t={self.reset_s}',
+            "RateLimit-Limit": str(self.limit),
+            "RateLimit-Remaining": str(self.remaining),
+            "RateLimit-Reset": str(self.reset_s),
+        }
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        return [(k.lower().encode(), v.encode()) for k, v in self.header_dict().items()]
+
+
+class RateLimiter:
+    """Counts hits per identity against a limit, in Redis when configured."""
+
+    def __init__(
+        self,
+        default: str,
+        *,
+        redis_url: str | None,
+        metrics: Metrics,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.default = parse(default)
+        self.metrics = metrics
+        self.clock = clock
+        self._items: dict[str, RateLimitItem] = {}
+        self._local = SlidingWindowCounterRateLimiter(MemoryStorage())
+        self._shared: SlidingWindowCounterRateLimiter | None = None
+        if redis_url:
+            storage = RedisStorage(
+                "async+" + redis_url,
+                implementation="redispy",
+                wrap_exceptions=True,
+                key_prefix="torchgate-limits",
+                socket_connect_timeout=0.25,
+                socket_timeout=0.25,
+            )
+            self._shared = SlidingWindowCounterRateLimiter(storage)
+        self._shared_retry_at = 0.0
+
+    def item(self, spec: str | None) -> tuple[str, RateLimitItem]:
+        if spec is None:
+            return "default", self.default
+        item = self._items.get(spec)
+        if item is None:
+            item = self._items[spec] = parse(spec)
+        return "key", item
+
+    async def hit(self, identity: str, spec: str | None = None) -> Decision:
+        policy, item = self.item(spec)
+        limiter = self._local
+        if self._shared is not None and self.clock() >= self._shared_retry_at:
+            try:
+                return await self._decide(self._shared, item, identity, policy)
+            except Exception as exc:  # any backend failure: serve on, with local counters
+                self.metrics.ratelimit_backend_errors.inc()
+                if self._shared_retry_at == 0.0 or self.clock() - self._shared_retry_at > 5:
+                    log.warning(
+                        "rate-limit backend failed; using in-process counters",
+                        extra={"error": type(exc).__name__},
+                    )
+                self._shared_retry_at = self.clock() + SHARED_RETRY_S
+        return await self._decide(limiter, item, identity, policy)
+
+    @staticmethod
+    async def _decide(
+        limiter: SlidingWindowCounterRateLimiter, item: RateLimitItem, identity: str, policy: str
+    ) -> Decision:
+        allowed = await limiter.hit(item, identity)
+        reset_at, remaining = await limiter.get_window_stats(item, identity)
+        reset_s = max(1, math.ceil(reset_at - time.time()))
+        return Decision(allowed, policy, item.amount, item.get_expiry(), remaining, reset_s)
+
+
+class RateLimitMiddleware:
+    """429 with `Retry-After` over the limit; the rate-limit fields on every limited answer."""
+
+    def __init__(self, app: ASGIApp, *, limiter: RateLimiter | None) -> None:
+        self.app = app
+        self.limiter = limiter
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.limiter is None or scope["type"] != "http" or scope["path"] in _UNLIMITED:
+            await self.app(scope, receive, send)
+            return
+        state = scope.setdefault("state", {})
+        name = state.get("key_name")
+        client = scope.get("client")
+        identity = f"key:{name}" if name else f"ip:{client[0] if client else 'unknown'}"
+        decision = await self.limiter.hit(identity, state.get("rate_limit"))
+        headers = decision.headers()
+        if not decision.allowed:
+            self.limiter.metrics.ratelimit_rejections.labels(decision.policy).inc()
+            await send_error(
+                send,
+                429,
+                f"rate limit of {decision.limit} requests per {decision.window_s} s exceeded",
+                {"Retry-After": str(decision.reset_s), **decision.header_dict()},
+            )
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), *headers]
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
