@@ -25,8 +25,18 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PY) -m pip install -q $(CONSTRAINT_FLAG) -e '.[dev]'
 	touch $(STAMP)
 
+# A local development key, created on first run, kept out of git (.gitignore).
+DEV_KEY := .dev-key
+DEV_KEYS := .dev-keys.toml
+
 serve: install
-	$(VENV)/bin/torchgate serve --models models --default-model digits --host $(HOST) --port $(PORT) $(SERVE_ARGS)
+	@if [ ! -s $(DEV_KEY) ] || [ ! -s $(DEV_KEYS) ]; then rm -f $(DEV_KEY) $(DEV_KEYS); \
+	  $(VENV)/bin/torchgate keys new --name dev --scope admin \
+	    --key-file $(DEV_KEY) --keys-file $(DEV_KEYS) >/dev/null && \
+	  echo "created a development API key in $(DEV_KEY) (git-ignored)"; fi
+	@echo "try: curl -s http://$(HOST):$(PORT)/predict -H \"Authorization: Bearer $$(cat $(DEV_KEY))\" -H 'content-type: application/json' -d @models/digits/example.json"
+	TORCHGATE_API_KEYS_FILE=$(DEV_KEYS) $(VENV)/bin/torchgate serve --models models \
+	  --default-model digits --host $(HOST) --port $(PORT) $(SERVE_ARGS)
 
 test: install
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
