@@ -22,6 +22,7 @@ from torchgate.middleware.body import BodyLimitMiddleware
 from torchgate.middleware.context import RequestContextMiddleware
 from torchgate.middleware.metrics import MetricsMiddleware
 from torchgate.middleware.ratelimit import RateLimiter, RateLimitMiddleware
+from torchgate.serving.cache import InferenceCache
 from torchgate.serving.registry import ModelRegistry
 from torchgate.serving.repository import ModelFolder, ModelRepository
 from torchgate.serving.service import InferenceService
@@ -53,12 +54,18 @@ def create_app(settings: Settings, *, models: dict[str, ModelFolder] | None = No
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         torch.set_num_threads(torch_threads(settings))
         repository = ModelRepository(settings.models, settings.device)
-        registry = ModelRegistry(repository, settings, metrics)
+        cache = InferenceCache(
+            metrics, redis_url=settings.redis_url, ttl_override_s=settings.cache_ttl_s
+        )
+        registry = ModelRegistry(repository, settings, metrics, cache)
         folders = models if models is not None else await asyncio.to_thread(repository.load_all)
         for folder in folders.values():
             registry.add(folder)
         app.state.registry = registry
         app.state.service = InferenceService(registry, metrics, draining=lambda: app.state.draining)
+        app.state.readiness_checks.append(
+            lambda: [f"circuit open for {key}" for key in registry.open_circuits()]
+        )
         app.state.ready = True
         if not auth_on:
             log.warning("authentication is OFF: anyone who can reach this port can use it")
@@ -77,6 +84,9 @@ def create_app(settings: Settings, *, models: dict[str, ModelFolder] | None = No
             app.state.draining = True
             drained = await registry.drain(settings.drain_timeout_s)
             await registry.aclose()
+            await cache.aclose()
+            if limiter is not None:
+                await limiter.aclose()
             log.info("stopped", extra={"drained": drained})
 
     app = FastAPI(

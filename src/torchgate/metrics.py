@@ -164,6 +164,33 @@ class Metrics:
             registry=registry,
         )
 
+        # cache and circuit breaker
+        self.cache_requests = Counter(
+            "torchgate_cache_requests_total", "Cache lookups per row, by result (hit or miss)",
+            ["model", "result"], registry=registry,
+        )
+        self.cache_entries = Gauge(
+            "torchgate_cache_entries", "Rows held in the in-process cache", ["model"],
+            registry=registry,
+        )
+        self.cache_evictions = Counter(
+            "torchgate_cache_evictions_total",
+            "Rows evicted from the in-process cache to make room",
+            ["model"], registry=registry,
+        )
+        self.cache_backend_errors = Counter(
+            "torchgate_cache_backend_errors_total",
+            "Failed calls to the shared (Redis) cache tier", registry=registry,
+        )
+        self.circuit_state = Gauge(
+            "torchgate_circuit_state", "Circuit breaker state: 0 closed, 1 half-open, 2 open",
+            ["model", "version"], registry=registry,
+        )
+        self.circuit_transitions = Counter(
+            "torchgate_circuit_transitions_total", "Circuit breaker transitions, by new state",
+            ["model", "to"], registry=registry,
+        )
+
         # edge protection
         self.ratelimit_rejections = Counter(
             "torchgate_ratelimit_rejections_total",

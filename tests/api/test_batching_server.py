@@ -39,7 +39,7 @@ async def post_many(url: str, bodies: list[dict], path: str = "/predict") -> lis
 def doubler_server(tmp_path: Path, make_settings):
     def start(**batching: object) -> ServerThread:
         write_model(tmp_path, "doubler", Doubler(), doubler_toml(**batching))
-        return ServerThread(make_settings(models=tmp_path))
+        return ServerThread(make_settings(models=tmp_path, cache_ttl_s=0))
 
     return start
 
@@ -52,8 +52,8 @@ def test_64_concurrent_single_rows_are_batched_and_each_gets_its_own_answer(tmp_
     module = torch.jit.load(str(tmp_path / "digits" / "1" / "model.pt"))
     with torch.inference_mode():
         expected = module(torch.from_numpy(x)).numpy()
-    with ServerThread(make_settings(models=tmp_path)) as server:
-        for _ in range(3):  # three waves of 64 concurrent requests
+    with ServerThread(make_settings(models=tmp_path, cache_ttl_s=0)) as server:
+        for _ in range(3):  # three waves of 64 concurrent requests, all computed
             answers = asyncio.run(post_many(server.url, [{"instances": [r.tolist()]} for r in x]))
             for i, answer in enumerate(answers):
                 assert answer.status_code == 200

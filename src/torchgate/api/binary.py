@@ -27,7 +27,7 @@ def split(body: bytes, header_length: str | None) -> tuple[bytes, memoryview]:
     if header_length is None:
         return body, memoryview(b"")
     text = header_length.strip()
-    if not text.isdigit() or len(text) > 19:
+    if not (text.isascii() and text.isdigit()) or len(text) > 19:
         raise BadRequest(f"{HEADER_LENGTH} must be a non-negative integer")
     size = int(text)
     if size > len(body):

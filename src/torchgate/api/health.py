@@ -43,5 +43,8 @@ async def ready(request: Request) -> Response:
 
 
 @router.get("/metrics", summary="Prometheus metrics")
-async def metrics(metrics: MetricsDep) -> Response:
+async def metrics(request: Request, metrics: MetricsDep) -> Response:
+    registry = getattr(request.app.state, "registry", None)
+    if registry is not None:
+        registry.open_circuits()  # an open breaker past its cooldown shows as half-open
     return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -89,7 +89,14 @@ async def _predict(
     state.model, state.version = served.name, served.version
     inputs, rows = decode(parse_json(body), served.config)
     state.rows = rows
-    result = await service.infer(served, inputs, rows, receive=request.receive)
+    result = await service.infer(
+        served,
+        inputs,
+        rows,
+        receive=request.receive,
+        cache_control=request.headers.get("cache-control"),
+    )
+    state.cache = result.cache
     state.queue_ms = round(result.queue_s * 1000, 3)
     state.compute_ms = round(result.compute_s * 1000, 3)
     headers = {"X-Cache": result.cache} if result.cache else None

@@ -222,8 +222,8 @@ def _json_data(array: np.ndarray, datatype: str) -> Any:
 # routes -------------------------------------------------------------------------------------
 
 
-def _json(body: object, status: int = 200) -> Response:
-    return Response(orjson.dumps(body), status_code=status, media_type="application/json")
+def _json(body: object) -> Response:
+    return Response(orjson.dumps(body), media_type="application/json")
 
 
 @router.get("/v2", summary="Server metadata")

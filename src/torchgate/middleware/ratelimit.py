@@ -70,8 +70,9 @@ class RateLimiter:
         self._items: dict[str, RateLimitItem] = {}
         self._local = SlidingWindowCounterRateLimiter(MemoryStorage())
         self._shared: SlidingWindowCounterRateLimiter | None = None
+        self._storage: RedisStorage | None = None
         if redis_url:
-            storage = RedisStorage(
+            storage = self._storage = RedisStorage(
                 "async+" + redis_url,
                 implementation="redispy",
                 wrap_exceptions=True,
@@ -81,6 +82,10 @@ class RateLimiter:
             )
             self._shared = SlidingWindowCounterRateLimiter(storage)
         self._shared_retry_at = 0.0
+
+    async def aclose(self) -> None:
+        if self._storage is not None:
+            await self._storage.bridge.storage.aclose()
 
     def item(self, spec: str | None) -> tuple[str, RateLimitItem]:
         if spec is None:

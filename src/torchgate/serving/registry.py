@@ -14,6 +14,8 @@ from torchgate.config import Settings
 from torchgate.errors import ModelNotFound
 from torchgate.metrics import Metrics
 from torchgate.serving.batching import Batcher, BatcherOptions
+from torchgate.serving.breaker import BreakerState, CircuitBreaker
+from torchgate.serving.cache import InferenceCache, VersionCache
 from torchgate.serving.model import LoadedModel
 from torchgate.serving.model_config import MODEL_NAME, ModelConfig
 from torchgate.serving.repository import ModelFolder, ModelRepository
@@ -23,10 +25,12 @@ log = logging.getLogger("torchgate.registry")
 
 @dataclass(slots=True)
 class ServedVersion:
-    """One version being served: the model and its batcher."""
+    """One version being served: the model, its batcher, cache namespace and breaker."""
 
     model: LoadedModel
     batcher: Batcher
+    cache: VersionCache
+    breaker: CircuitBreaker
 
     @property
     def name(self) -> str:
@@ -52,10 +56,17 @@ class ServedModel:
 class ModelRegistry:
     """Live models by name; built in the app's lifespan."""
 
-    def __init__(self, repository: ModelRepository, settings: Settings, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        repository: ModelRepository,
+        settings: Settings,
+        metrics: Metrics,
+        cache: InferenceCache,
+    ) -> None:
         self.repository = repository
         self.settings = settings
         self.metrics = metrics
+        self.cache = cache
         self._models: dict[str, ServedModel] = {}
 
     # what is served ----------------------------------------------------------------------
@@ -97,6 +108,10 @@ class ModelRegistry:
 
     def versions(self) -> list[ServedVersion]:
         return [v for m in self._models.values() for v in m.versions.values()]
+
+    def open_circuits(self) -> list[str]:
+        """Versions whose breaker is open now (refreshing each breaker's state)."""
+        return [v.model.key for v in self.versions() if v.breaker.state is BreakerState.OPEN]
 
     # loading -----------------------------------------------------------------------------
 
@@ -147,7 +162,21 @@ class ModelRegistry:
         batcher = Batcher(model, options, self.metrics.for_batcher(model.name, version))
         batcher.start()
         self.metrics.load_bytes.labels(model.name, version).set(model.load_bytes)
-        return ServedVersion(model, batcher)
+        state_gauge = self.metrics.circuit_state.labels(model.name, version)
+        state_gauge.set(BreakerState.CLOSED.value)
+
+        def on_change(state: BreakerState) -> None:
+            state_gauge.set(state.value)
+            self.metrics.circuit_transitions.labels(model.name, state.name.lower()).inc()
+            log.warning("circuit breaker", extra={"model": model.key, "state": state.name.lower()})
+
+        breaker = CircuitBreaker(
+            model.key,
+            failures=s.breaker_failures,
+            cooldown_s=s.breaker_cooldown_s,
+            on_change=on_change,
+        )
+        return ServedVersion(model, batcher, self.cache.for_version(model), breaker)
 
     async def _stop(
         self, served: ServedModel, *, keep: set[int] | frozenset[int] = frozenset()
@@ -156,6 +185,7 @@ class ModelRegistry:
         for version in served.versions.values():
             await version.batcher.drain(self.settings.drain_timeout_s)
             await version.batcher.aclose()
+            self.cache.drop(version.model)
             if version.version not in keep:
                 self.metrics.forget_version(served.name, str(version.version))
 

@@ -13,8 +13,15 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from torchgate.errors import ClientDisconnected, Draining
+from torchgate.errors import (
+    CircuitOpen,
+    ClientDisconnected,
+    DeadlineExceeded,
+    Draining,
+    InferenceFailed,
+)
 from torchgate.metrics import Metrics
+from torchgate.serving.cache import CachePolicy
 from torchgate.serving.registry import ModelRegistry, ServedVersion
 
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -55,16 +62,39 @@ class InferenceService:
         rows: int,
         *,
         receive: Receive | None = None,
+        cache_control: str | None = None,
     ) -> InferenceResult:
+        """Cache, then breaker, then batcher, for the rows the cache does not have."""
         if self._draining():
             self.metrics.shed.labels(served.name, "draining").inc()
             raise Draining()
-        future = served.batcher.submit(inputs, rows)
-        if receive is None:
-            result = await future
-        else:
-            result = await _unless_disconnected(future, receive)
-        answer = InferenceResult(served, result.outputs, result.queue_s, result.compute_s)
+        answer = InferenceResult(served, [])
+
+        async def compute(subset: list[np.ndarray], subset_rows: int) -> list[np.ndarray]:
+            breaker = served.breaker
+            try:
+                breaker.allow()
+            except CircuitOpen:
+                self.metrics.shed.labels(served.name, "circuit_open").inc()
+                raise
+            try:
+                future = served.batcher.submit(subset, subset_rows)
+                if receive is None:
+                    result = await future
+                else:
+                    result = await _unless_disconnected(future, receive)
+            except (InferenceFailed, DeadlineExceeded):
+                breaker.failure()
+                raise
+            except BaseException:  # client errors, shed load, disconnects: no verdict
+                breaker.release()
+                raise
+            breaker.success()
+            answer.queue_s, answer.compute_s = result.queue_s, result.compute_s
+            return result.outputs
+
+        policy = CachePolicy.from_header(cache_control)
+        answer.outputs, answer.cache = await served.cache.run(inputs, rows, policy, compute)
         self._label(answer)
         return answer
 
