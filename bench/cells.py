@@ -1,0 +1,196 @@
+"""The cells of `bench/run.py` (owns measuring one server): start it, check its answer,
+warm it up, drive it with wrk at each concurrency, and turn what wrk saw into `Cell`s.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from load import V2_ROWS, Cell, Workload, fill, run_wrk, v2_bodies
+from report import Target
+from servers import Server, ServerError, free_port, naive_command, post, torchgate_command
+
+
+@dataclass(slots=True)
+class Plan:
+    """How long and how hard to drive each server, and where things go."""
+
+    wrk: str
+    threads: int
+    seconds: int
+    warmup_s: int
+    in_process_s: float
+    concurrency: list[int]
+    cache_concurrency: int
+    v2_concurrency: int
+    log_level: str
+    work_dir: Path
+    results: Path
+    wrk_log: Path
+
+
+def server_env(**extra: str) -> dict[str, str]:
+    """The environment every server gets: no inherited TORCHGATE_* settings, auth off, and
+    a rate limit no single benchmark client can reach."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TORCHGATE_")}
+    env.update(
+        TORCHGATE_AUTH="off",
+        TORCHGATE_RATE_LIMIT="1000000/second",
+        PYTHONUNBUFFERED="1",
+        **extra,
+    )
+    return env
+
+
+def answer_check(name: str, answer: np.ndarray, reference: np.ndarray) -> Target:
+    if answer.shape != reference.shape:
+        return Target(name, "FAIL", f"shape {answer.shape}, expected {reference.shape}")
+    diff = float(np.abs(answer - reference).max())
+    ok = np.allclose(answer, reference, rtol=1e-4, atol=1e-3)
+    return Target(name, "PASS" if ok else "FAIL", f"max |diff| {diff:.2e}")
+
+
+def drive(plan: Plan, url: str, cell: Cell, lua_args: list[str], *, warm: bool = True) -> Cell:
+    if warm:
+        run_wrk(plan.wrk, url, cell.concurrency, plan.warmup_s, lua_args, plan.wrk_log)
+    numbers = run_wrk(plan.wrk, url, cell.concurrency, plan.seconds, lua_args, plan.wrk_log)
+    return fill(cell, numbers)
+
+
+def measure(
+    plan: Plan,
+    server: str,
+    work: Workload,
+    repository: Path,
+    *,
+    scenario: str = "main",
+    concurrency: list[int],
+    env: dict[str, str],
+    lua_args: list[str],
+) -> tuple[list[Cell], list[Target]]:
+    """Start one server, check its answer, warm it up and run every concurrency on it."""
+    port = free_port()
+    if server == "torchgate":
+        command = torchgate_command(repository, port, plan.threads, plan.log_level)
+        url = f"http://127.0.0.1:{port}/v1/models/{work.model}:predict"
+    else:
+        model_pt = repository / work.model / "1" / "model.pt"
+        command = naive_command(model_pt, port, plan.threads)
+        url = f"http://127.0.0.1:{port}/predict"
+    suffix = "" if scenario == "main" else f"-{scenario}"
+    log = plan.results / f"{server}-{work.model}{suffix}.log"
+    print(f"-- {server} {work.model} {scenario}: starting (log {log.name})", flush=True)
+    cells = [Cell(server, work.model, scenario, c) for c in concurrency]
+    try:
+        with Server(
+            command, env=env, log_path=log, probe_url=url, probe_body=work.sample_body
+        ) as s:
+            checks = [v1_answer_check(f"{server} {work.model}{suffix}", s.first_answer, work)]
+            if scenario == "cache-on":
+                checks.append(cache_hit_check(url, work))
+            for i, cell in enumerate(cells):
+                drive(plan, url, cell, lua_args, warm=i == 0)
+                print(f"   c={cell.concurrency}: {cell.rps:,.1f} rps", flush=True)
+    except ServerError as exc:
+        for cell in cells:
+            cell.status = f"error: {exc}"
+        return cells, [Target(f"{server} {work.model}{suffix}: starts", "FAIL", str(exc))]
+    return cells, checks
+
+
+def v1_answer_check(who: str, answer: bytes, work: Workload) -> Target:
+    name = f"{who}: answer matches the in-process forward"
+    try:
+        predictions = np.asarray(json.loads(answer)["predictions"], dtype=np.float32)
+    except (KeyError, TypeError, ValueError) as exc:
+        return Target(name, "FAIL", f"unreadable answer ({exc!r}): {answer[:200]!r}")
+    return answer_check(name, predictions, work.reference)
+
+
+def cache_hit_check(url: str, work: Workload) -> Target:
+    """The sample row, answered once while the server came up, asked again: a hit."""
+    _, headers, _ = post(url, work.sample_body, {"Content-Type": "application/json"})
+    said = headers.get("x-cache")
+    status = "PASS" if said and said.lower().startswith("hit") else "FAIL"
+    return Target(
+        f"torchgate {work.model} cache-on: a repeated request is a cache hit",
+        status,
+        f"X-Cache: {said or '(absent)'}",
+    )
+
+
+def v2_outputs(headers: dict[str, str], body: bytes) -> np.ndarray:
+    """The first output of a V2 response, JSON or binary."""
+    header_length = int(headers.get("inference-header-content-length", len(body)))
+    output = json.loads(body[:header_length])["outputs"][0]
+    shape = output["shape"]
+    if "data" in output:
+        return np.asarray(output["data"], dtype=np.float32).reshape(shape)
+    size = output["parameters"]["binary_data_size"]
+    raw = body[header_length : header_length + size]
+    return np.frombuffer(raw, dtype="<f4").reshape(shape)
+
+
+def measure_v2(
+    plan: Plan, work: Workload, repository: Path, module: torch.jit.ScriptModule
+) -> tuple[list[Cell], list[Target]]:
+    """64-row V2 requests, JSON and binary, on torchgate with the cache off."""
+    json_body, binary_body, header_length = v2_bodies(work.rows, plan.work_dir)
+    with torch.inference_mode():
+        reference = module(torch.from_numpy(work.rows[:V2_ROWS])).numpy()
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/v2/models/{work.model}/infer"
+    variants = [
+        ("v2-json", json_body, {"Content-Type": "application/json"}),
+        (
+            "v2-binary",
+            binary_body,
+            {
+                "Content-Type": "application/octet-stream",
+                "Inference-Header-Content-Length": str(header_length),
+            },
+        ),
+    ]
+    cells = [Cell("torchgate", work.model, v, plan.v2_concurrency, V2_ROWS) for v, _, _ in variants]
+    checks: list[Target] = []
+    command = torchgate_command(repository, port, plan.threads, plan.log_level)
+    log = plan.results / f"torchgate-{work.model}-v2.log"
+    print(f"-- torchgate {work.model} v2: starting (log {log.name})", flush=True)
+    try:
+        with Server(
+            command,
+            env=server_env(TORCHGATE_CACHE_TTL_S="0"),
+            log_path=log,
+            probe_url=f"http://127.0.0.1:{port}/v1/models/{work.model}:predict",
+            probe_body=work.sample_body,
+        ):
+            for cell, (scenario, body, headers) in zip(cells, variants, strict=True):
+                status, answer_headers, answer = post(url, body.read_bytes(), headers)
+                if status == 404:
+                    cell.status = "skipped: endpoint returned 404"
+                    continue
+                if status != 200:
+                    cell.status = f"error: probe returned {status}: {answer[:200]!r}"
+                    continue
+                try:
+                    got = v2_outputs(answer_headers, answer)
+                except (KeyError, ValueError, TypeError) as exc:
+                    cell.status = f"error: unreadable V2 answer ({exc!r})"
+                    continue
+                name = f"torchgate {work.model} {scenario}: answer matches the in-process forward"
+                checks.append(answer_check(name, got, reference))
+                lua_args = [f"body={body}", f"ctype={headers['Content-Type']}"]
+                if "Inference-Header-Content-Length" in headers:
+                    lua_args.append(f"header=Inference-Header-Content-Length:{header_length}")
+                drive(plan, url, cell, lua_args)
+                print(f"   {scenario} c={cell.concurrency}: {cell.rps:,.1f} rps", flush=True)
+    except ServerError as exc:
+        for cell in cells:
+            cell.status = f"error: {exc}"
+        checks.append(Target(f"torchgate {work.model} v2: starts", "FAIL", str(exc)))
+    return cells, checks

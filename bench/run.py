@@ -1,0 +1,234 @@
+"""`make bench`: torchgate against the naive FastAPI server (owns the benchmark of issue 3).
+
+For each model (the bundled `digits`, and `mlp_wide`, written by scripts/make_mlp_wide.py
+when missing) it measures the in-process limit of the bare forward, then starts torchgate
+and then the naive baseline (bench/naive_server.py), each alone, warms it up and drives it
+with wrk (bench/post.lua) at each concurrency: one row per request, every request's input
+unique so the inference cache (on, as shipped) never answers one. Extra cells: digits with
+half the requests repeating a few inputs, cache on against cache off; and mlp_wide with
+64-row V2 requests, JSON against the binary tensor extension (cache off, same body each
+time), skipped while the V2 endpoint answers 404.
+
+Writes bench/results/results.json, bench/results/bench.png and the servers' logs beside
+them; prints the table, the ratios and the issue's targets (PASS/FAIL/SKIP). The exit code
+is 0 whatever the targets say; 1 when a cell could not be measured (a server did not start),
+2 when the harness itself broke (wrk missing or failing).
+
+    .venv/bin/python bench/run.py [--quick] [--duration 10] [--models digits,mlp_wide]
+                                  [--concurrency 1,16,64] [--no-cache-cell] [--no-v2-cell]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from cells import Plan, measure, measure_v2, server_env
+from load import (
+    Cell,
+    HarnessError,
+    ensure_wrk,
+    in_process_limit,
+    load_module,
+    workload,
+    wrk_version,
+)
+from report import Target, pair_lines, plot, ratio_lines, ratios, table, targets
+from servers import single_model_repository
+
+ROOT = Path(__file__).resolve().parent.parent
+MODELS = ROOT / "models"
+RESULTS = ROOT / "bench" / "results"
+MAKE_MLP_WIDE = ROOT / "scripts" / "make_mlp_wide.py"
+CACHE_POOL = 32
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
+    return value
+
+
+def _positives(text: str) -> list[int]:
+    return sorted({_positive(part) for part in text.split(",") if part.strip()})
+
+
+def _names(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--duration", type=_positive, help="seconds per cell (default 10, --quick 2)")
+    p.add_argument("--models", type=_names, default="digits,mlp_wide", help="comma-separated")
+    p.add_argument("--concurrency", type=_positives, default="1,16,64", help="connections")
+    p.add_argument("--quick", action="store_true", help="2 s cells, for smoke tests")
+    p.add_argument(
+        "--torch-threads",
+        type=_positive,
+        help="for every server and the in-process limit (default: torchgate's rule, half "
+        "the cores)",
+    )
+    p.add_argument("--cache-cell", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--cache-concurrency", type=_positive, default=16)
+    p.add_argument("--v2-cell", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--v2-concurrency", type=_positive, default=8, help="64-row requests at once")
+    p.add_argument(
+        "--server-log-level",
+        default="warning",
+        choices=["debug", "info", "warning", "error"],
+        help="torchgate's log level; warning (no access log) matches the naive server",
+    )
+    return p.parse_args(argv)
+
+
+def ensure_mlp_wide() -> None:
+    if (MODELS / "mlp_wide" / "1" / "model.pt").exists():
+        return
+    print("models/mlp_wide is missing: running scripts/make_mlp_wide.py", flush=True)
+    command = [sys.executable, str(MAKE_MLP_WIDE), "--out", str(MODELS / "mlp_wide")]
+    if subprocess.run(command, check=False).returncode != 0:
+        raise HarnessError("scripts/make_mlp_wide.py failed")
+
+
+def git_commit() -> str:
+    done = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False
+    )
+    return done.stdout.strip() or "unknown"
+
+
+def bench(args: argparse.Namespace) -> int:
+    models, concurrency = args.models, args.concurrency
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    wrk = ensure_wrk()
+    if "mlp_wide" in models:
+        ensure_mlp_wide()
+    threads = args.torch_threads or max(1, (os.cpu_count() or 2) // 2)
+    seconds = args.duration or (2 if args.quick else 10)
+    wrk_log = RESULTS / "wrk.log"
+    wrk_log.write_text("", encoding="utf-8")
+    cells: list[Cell] = []
+    checks: list[Target] = []
+    in_process: dict[str, dict[int, float]] = {}
+    started = time.time()
+    with tempfile.TemporaryDirectory(prefix="torchgate-bench-") as tmp:
+        plan = Plan(
+            wrk=wrk,
+            threads=threads,
+            seconds=seconds,
+            warmup_s=1 if args.quick else 2,
+            in_process_s=0.3 if args.quick else 2.0,
+            concurrency=concurrency,
+            cache_concurrency=args.cache_concurrency,
+            v2_concurrency=args.v2_concurrency,
+            log_level=args.server_log_level,
+            work_dir=Path(tmp),
+            results=RESULTS,
+            wrk_log=wrk_log,
+        )
+        for model in models:
+            folder = MODELS / model
+            if not (folder / "model.toml").is_file():
+                raise HarnessError(f"no model folder {folder}")
+            module = load_module(folder / "1" / "model.pt")
+            work = workload(model, folder, module, plan.work_dir)
+            print(f"-- {model}: in-process limit ({threads} torch threads)", flush=True)
+            in_process[model] = in_process_limit(module, work.rows, threads, plan.in_process_s)
+            repository = single_model_repository(folder, plan.work_dir)
+            main_args = [f"bodies={work.templates}"]
+            for server in ("torchgate", "naive"):
+                new, checked = measure(
+                    plan,
+                    server,
+                    work,
+                    repository,
+                    concurrency=concurrency,
+                    env=server_env(),
+                    lua_args=main_args,
+                )
+                cells += new
+                checks += checked
+            if model == "digits" and args.cache_cell:
+                cache_args = [*main_args, "repeat=0.5", f"pool={CACHE_POOL}"]
+                for scenario, env in (
+                    ("cache-on", server_env()),
+                    ("cache-off", server_env(TORCHGATE_CACHE_TTL_S="0")),
+                ):
+                    new, checked = measure(
+                        plan,
+                        "torchgate",
+                        work,
+                        repository,
+                        scenario=scenario,
+                        concurrency=[plan.cache_concurrency],
+                        env=env,
+                        lua_args=cache_args,
+                    )
+                    cells += new
+                    checks += checked
+            if model == "mlp_wide" and args.v2_cell:
+                new, checked = measure_v2(plan, work, repository, module)
+                cells += new
+                checks += checked
+
+    ratio = ratios(cells, in_process, concurrency)
+    verdicts = targets(cells)
+    print()
+    print(table(cells))
+    print()
+    print(ratio_lines(ratio, in_process))
+    print(pair_lines(cells))
+    print()
+    for target in checks + verdicts:
+        print(f"{target.status:<4}  {target.name}: {target.detail}")
+    plot(cells, in_process, RESULTS / "bench.png")
+    results: dict[str, Any] = {
+        "meta": {
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+            "commit": git_commit(),
+            "cpu_count": os.cpu_count(),
+            "machine": platform.machine(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "wrk": wrk_version(wrk),
+            "torch_threads": threads,
+            "seconds_per_cell": seconds,
+            "warmup_s": plan.warmup_s,
+            "server_log_level": plan.log_level,
+            "rps_counts": "responses with status < 400 per second",
+        },
+        "cells": [c.as_dict() for c in cells],
+        "in_process_rows_per_s": {
+            m: {str(b): r for b, r in v.items()} for m, v in in_process.items()
+        },
+        "ratios": ratio,
+        "checks": [t.as_dict() for t in checks],
+        "targets": [t.as_dict() for t in verdicts],
+    }
+    (RESULTS / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    print(f"\nwrote {RESULTS / 'results.json'} and {RESULTS / 'bench.png'}")
+    return 1 if any(c.status.startswith("error") for c in cells) else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        return bench(args)
+    except HarnessError as exc:
+        print(f"bench: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
