@@ -1,4 +1,7 @@
-"""Small `Annotated` dependencies: the app's components, reached through `app.state`."""
+"""Small `Annotated` dependencies: the app's components, reached through `app.state`.
+
+They are `async` so FastAPI runs them inline; a plain `def` would cost every request a
+hop through the thread pool."""
 
 from __future__ import annotations
 
@@ -17,15 +20,15 @@ JSON_TYPES = ("application/json",)
 V2_TYPES = ("application/json", "application/octet-stream")
 
 
-def _registry(request: Request) -> ModelRegistry:
+async def _registry(request: Request) -> ModelRegistry:
     return request.app.state.registry
 
 
-def _service(request: Request) -> InferenceService:
+async def _service(request: Request) -> InferenceService:
     return request.app.state.service
 
 
-def _metrics(request: Request) -> Metrics:
+async def _metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
 

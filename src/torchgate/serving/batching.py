@@ -297,6 +297,8 @@ class Batcher:
         compute_s = self.clock() - started
         self.metrics.compute.observe(compute_s)
         self.metrics.batch_size.observe(rows)
+        if not self._batched:  # one request per forward, outputs without a batch dim
+            return [_Outcome(outputs, compute_s=compute_s)]
         results: list[_Outcome] = []
         offset = 0
         for p in batch:

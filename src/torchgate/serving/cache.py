@@ -230,6 +230,8 @@ class VersionCache:
                 found[i] = [o[j : j + 1] for o in computed]
         for i, future in joined.items():
             found[i] = await self._join(future, inputs, i, compute)
+        if not self.model.config.batched:  # one "row": the whole outputs
+            return found[0], "HIT"  # type: ignore[return-value]
         outputs = [
             np.concatenate([found[i][k] for i in range(rows)])  # type: ignore[index]
             for k in range(len(self.model.config.outputs))
@@ -263,8 +265,9 @@ class VersionCache:
                     )
             raise
         stored: list[tuple[bytes, bytes]] = []
+        batched = self.model.config.batched
         for j, i in enumerate(missing):
-            row = [o[j : j + 1].copy() for o in computed]
+            row = [o[j : j + 1].copy() if batched else o.copy() for o in computed]
             key = keys[i]
             self._local[key] = row
             future = owned.pop(key, None)
@@ -285,8 +288,9 @@ class VersionCache:
         try:
             return await asyncio.shield(future)
         except ClientDisconnected:
-            computed = await compute([a[i : i + 1] for a in inputs], 1)
-            return [o[0:1] for o in computed]
+            if not self.model.config.batched:
+                return await compute(inputs, 1)
+            return await compute([a[i : i + 1] for a in inputs], 1)
 
 
 def _retrieve(future: asyncio.Future[Row]) -> None:
