@@ -13,8 +13,9 @@ from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
 from torchgate import __version__
-from torchgate.api import errors, health, v1, v2
+from torchgate.api import dashboard, errors, health, v1, v2
 from torchgate.config import Settings
+from torchgate.dashboard import Sampler
 from torchgate.keys import KeyStore
 from torchgate.metrics import Metrics
 from torchgate.middleware.auth import AuthMiddleware
@@ -66,6 +67,15 @@ def create_app(settings: Settings, *, models: dict[str, ModelFolder] | None = No
         app.state.readiness_checks.append(
             lambda: [f"circuit open for {key}" for key in registry.open_circuits()]
         )
+        sampler = Sampler(
+            metrics,
+            batch_limits=lambda: {
+                (v.name, str(v.version)): v.config.max_batch_size for v in registry.versions()
+            },
+            refresh=registry.open_circuits,
+        )
+        sampler.start()
+        app.state.sampler = sampler
         app.state.ready = True
         if not auth_on:
             log.warning("authentication is OFF: anyone who can reach this port can use it")
@@ -80,6 +90,7 @@ def create_app(settings: Settings, *, models: dict[str, ModelFolder] | None = No
         try:
             yield
         finally:
+            await sampler.aclose()
             app.state.ready = False
             app.state.draining = True
             drained = await registry.drain(settings.drain_timeout_s)
@@ -104,8 +115,11 @@ def create_app(settings: Settings, *, models: dict[str, ModelFolder] | None = No
     app.state.readiness_checks = []
     errors.install(app)
     app.include_router(health.router)
+    app.include_router(dashboard.router)
     app.include_router(v1.router)
     app.include_router(v2.router)
+    v1.add_inference_routes(app)
+    v2.add_inference_routes(app)
     # add_middleware wraps: the last added is the outermost. Outermost first: request
     # context, metrics, auth, rate limit, body limits (DESIGN.md).
     app.add_middleware(

@@ -155,7 +155,8 @@ class Metrics:
         self.batch_retries = Counter(
             "torchgate_batch_retries_total",
             "Batches whose forward failed and were retried request by request",
-            ["model", "version"], registry=registry,
+            ["model", "version"],
+            registry=registry,
         )
         self.shed = Counter(
             "torchgate_shed_total",
@@ -166,29 +167,39 @@ class Metrics:
 
         # cache and circuit breaker
         self.cache_requests = Counter(
-            "torchgate_cache_requests_total", "Cache lookups per row, by result (hit or miss)",
-            ["model", "result"], registry=registry,
+            "torchgate_cache_requests_total",
+            "Cache lookups per row, by result (hit or miss)",
+            ["model", "result"],
+            registry=registry,
         )
         self.cache_entries = Gauge(
-            "torchgate_cache_entries", "Rows held in the in-process cache", ["model"],
+            "torchgate_cache_entries",
+            "Rows held in the in-process cache",
+            ["model"],
             registry=registry,
         )
         self.cache_evictions = Counter(
             "torchgate_cache_evictions_total",
             "Rows evicted from the in-process cache to make room",
-            ["model"], registry=registry,
+            ["model"],
+            registry=registry,
         )
         self.cache_backend_errors = Counter(
             "torchgate_cache_backend_errors_total",
-            "Failed calls to the shared (Redis) cache tier", registry=registry,
+            "Failed calls to the shared (Redis) cache tier",
+            registry=registry,
         )
         self.circuit_state = Gauge(
-            "torchgate_circuit_state", "Circuit breaker state: 0 closed, 1 half-open, 2 open",
-            ["model", "version"], registry=registry,
+            "torchgate_circuit_state",
+            "Circuit breaker state: 0 closed, 1 half-open, 2 open",
+            ["model", "version"],
+            registry=registry,
         )
         self.circuit_transitions = Counter(
-            "torchgate_circuit_transitions_total", "Circuit breaker transitions, by new state",
-            ["model", "to"], registry=registry,
+            "torchgate_circuit_transitions_total",
+            "Circuit breaker transitions, by new state",
+            ["model", "to"],
+            registry=registry,
         )
 
         # edge protection

@@ -7,11 +7,12 @@ from typing import Any
 
 import numpy as np
 import orjson
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, FastAPI, Request
 from starlette.responses import Response
 
+from torchgate.api import inference
 from torchgate.api.codec import check_rows, check_shape, coerce, parse_json
-from torchgate.api.deps import Registry, Service, read_body
+from torchgate.api.deps import Registry, read_body
 from torchgate.errors import BadRequest
 from torchgate.serving.model_config import ModelConfig
 from torchgate.serving.service import InferenceResult
@@ -80,46 +81,37 @@ def encode(result: InferenceResult) -> bytes:
     return orjson.dumps(body, option=_DUMPS)
 
 
-async def _predict(
-    request: Request, registry: Registry, service: Service, name: str | None, version: str | None
-) -> Response:
+async def _predict(request: Request, name: str | None, version: str | None) -> Response:
     body = await read_body(request)
-    served = registry.resolve(name or registry.default_model(), version)
-    state = request.state
-    state.model, state.version = served.name, served.version
+    served = inference.resolve(request, name, version)
     inputs, rows = decode(parse_json(body), served.config)
-    state.rows = rows
-    result = await service.infer(
-        served,
-        inputs,
-        rows,
-        receive=request.receive,
-        cache_control=request.headers.get("cache-control"),
+    result = await inference.run(request, served, inputs, rows)
+    return Response(
+        encode(result), media_type="application/json", headers=inference.cache_header(result)
     )
-    state.cache = result.cache
-    state.queue_ms = round(result.queue_s * 1000, 3)
-    state.compute_ms = round(result.compute_s * 1000, 3)
-    headers = {"X-Cache": result.cache} if result.cache else None
-    return Response(encode(result), media_type="application/json", headers=headers)
 
 
-@router.post("/predict", summary="Predict with the default model")
-async def predict(request: Request, registry: Registry, service: Service) -> Response:
-    return await _predict(request, registry, service, None, None)
+async def predict(request: Request) -> Response:
+    """POST /predict: the default model."""
+    return await _predict(request, None, None)
 
 
-@router.post("/v1/models/{name}:predict", summary="Predict with a model's default version")
-async def predict_model(
-    name: str, request: Request, registry: Registry, service: Service
-) -> Response:
-    return await _predict(request, registry, service, name, None)
+async def predict_model(request: Request) -> Response:
+    """POST /v1/models/{name}:predict: a model's default version."""
+    return await _predict(request, request.path_params["name"], None)
 
 
-@router.post("/v1/models/{name}/versions/{version}:predict", summary="Predict with one version")
-async def predict_version(
-    name: str, version: str, request: Request, registry: Registry, service: Service
-) -> Response:
-    return await _predict(request, registry, service, name, version)
+async def predict_version(request: Request) -> Response:
+    """POST /v1/models/{name}/versions/{version}:predict: one version."""
+    params = request.path_params
+    return await _predict(request, params["name"], params["version"])
+
+
+def add_inference_routes(app: FastAPI) -> None:
+    """The hot routes, as plain Starlette routes (see `api.inference`)."""
+    app.add_route("/predict", predict, methods=["POST"])
+    app.add_route("/v1/models/{name}:predict", predict_model, methods=["POST"])
+    app.add_route("/v1/models/{name}/versions/{version}:predict", predict_version, methods=["POST"])
 
 
 @router.get("/v1/models/{name}", summary="Status of a model's versions")

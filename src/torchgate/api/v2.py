@@ -12,13 +12,13 @@ from typing import Any
 
 import numpy as np
 import orjson
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, FastAPI, Request
 from starlette.responses import Response
 
 from torchgate import __version__
-from torchgate.api import binary, v2_repository
+from torchgate.api import binary, inference, v2_repository
 from torchgate.api.codec import check_rows, check_shape, coerce, element_count, parse_json
-from torchgate.api.deps import V2_TYPES, Registry, Service, read_body
+from torchgate.api.deps import V2_TYPES, Registry, read_body
 from torchgate.api.health import readiness_problems
 from torchgate.errors import BadRequest, ModelNotFound, ModelNotReady, Unavailable
 from torchgate.serving.datatypes import NUMPY
@@ -294,34 +294,32 @@ async def version_ready(name: str, version: str, registry: Registry) -> Response
     return await _model_ready(registry, name, version)
 
 
-async def _infer(
-    request: Request, registry: Registry, service: Service, name: str, version: str | None
-) -> Response:
+async def _infer(request: Request, name: str, version: str | None) -> Response:
     body = await read_body(request, V2_TYPES)
-    served = registry.resolve(name, version)
-    state = request.state
-    state.model, state.version = served.name, served.version
+    served = inference.resolve(request, name, version)
     header, data = binary.split(body, request.headers.get(binary.HEADER_LENGTH))
     decoded = decode(parse_json(header), served.config, data)
-    state.rows = decoded.rows
-    result = await service.infer(served, decoded.inputs, decoded.rows, receive=request.receive)
-    state.queue_ms = round(result.queue_s * 1000, 3)
-    state.compute_ms = round(result.compute_s * 1000, 3)
+    result = await inference.run(request, served, decoded.inputs, decoded.rows)
     content, header_length = encode(result, decoded)
-    headers = {"X-Cache": result.cache} if result.cache else {}
+    headers = inference.cache_header(result)
     if header_length is None:
         return Response(content, media_type="application/json", headers=headers)
     headers[binary.HEADER_LENGTH] = str(header_length)
     return Response(content, media_type="application/octet-stream", headers=headers)
 
 
-@router.post("/v2/models/{name}/infer", summary="Infer with a model's default version")
-async def infer(name: str, request: Request, registry: Registry, service: Service) -> Response:
-    return await _infer(request, registry, service, name, None)
+async def infer(request: Request) -> Response:
+    """POST /v2/models/{name}/infer: a model's default version."""
+    return await _infer(request, request.path_params["name"], None)
 
 
-@router.post("/v2/models/{name}/versions/{version}/infer", summary="Infer with one version")
-async def infer_version(
-    name: str, version: str, request: Request, registry: Registry, service: Service
-) -> Response:
-    return await _infer(request, registry, service, name, version)
+async def infer_version(request: Request) -> Response:
+    """POST /v2/models/{name}/versions/{version}/infer: one version."""
+    params = request.path_params
+    return await _infer(request, params["name"], params["version"])
+
+
+def add_inference_routes(app: FastAPI) -> None:
+    """The hot routes, as plain Starlette routes (see `api.inference`)."""
+    app.add_route("/v2/models/{name}/infer", infer, methods=["POST"])
+    app.add_route("/v2/models/{name}/versions/{version}/infer", infer_version, methods=["POST"])

@@ -10,7 +10,6 @@ inflates data, so no compression bomb can expand in memory.
 from __future__ import annotations
 
 import asyncio
-import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -47,7 +46,7 @@ class BodyLimitMiddleware:
                 self.metrics.refused.labels("too_large").inc()
                 await send_error(send, 413, self._too_large(), _CLOSE)
                 return
-        deadline = time.monotonic() + self.timeout_s
+        deadline = asyncio.get_running_loop().time() + self.timeout_s
         seen = 0
         done = False
 
@@ -55,9 +54,10 @@ class BodyLimitMiddleware:
             nonlocal seen, done
             if done:  # the body is in: what comes next is the disconnect, wait as long as it takes
                 return await receive()
-            left = deadline - time.monotonic()
             try:
-                message = await asyncio.wait_for(receive(), max(left, 0.001))
+                # asyncio.timeout arms one timer on this task; wait_for would start a task
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
             except TimeoutError:
                 self.metrics.refused.labels("body_timeout").inc()
                 raise RequestTimeout(

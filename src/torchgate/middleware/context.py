@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import re
+import secrets
 import time
-import uuid
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -34,6 +35,9 @@ class RequestContextMiddleware:
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
+        # ids are a random per-process prefix and a counter: unique, and no syscall per request
+        self._prefix = secrets.token_hex(8)
+        self._counter = itertools.count(1)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -41,7 +45,9 @@ class RequestContextMiddleware:
             return
         started = time.perf_counter()
         given = header(scope, b"x-request-id")
-        rid = given if given and _SAFE_ID.match(given) else uuid.uuid4().hex
+        rid = (
+            given if given and _SAFE_ID.match(given) else f"{self._prefix}{next(self._counter):08x}"
+        )
         state: dict[str, Any] = scope.setdefault("state", {})
         state["request_id"] = rid
         trace = header(scope, b"traceparent")

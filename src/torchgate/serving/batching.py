@@ -23,7 +23,6 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -31,6 +30,7 @@ import numpy as np
 from torchgate.errors import DeadlineExceeded, Draining, InferenceFailed, QueueFull
 from torchgate.metrics import BatcherMetrics
 from torchgate.serving.model import LoadedModel
+from torchgate.serving.runner import Runner
 
 log = logging.getLogger("torchgate.batching")
 
@@ -91,9 +91,9 @@ class Batcher:
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
-        self._executor = ThreadPoolExecutor(
-            max_workers=self.options.instances, thread_name_prefix=f"runner-{self.model.key}"
-        )
+        self._runners = [
+            Runner(f"runner-{self.model.key}-{i}") for i in range(self.options.instances)
+        ]
 
     # lifecycle ----------------------------------------------------------------------------
 
@@ -124,11 +124,17 @@ class Batcher:
             self._forget(pending)
             if not pending.future.done():
                 pending.future.set_exception(Draining())
-        self._executor.shutdown(wait=True)
+        for runner in self._runners:
+            runner.stop()
 
     @property
     def queued_rows(self) -> int:
         return self._queued_rows
+
+    @property
+    def busy(self) -> bool:
+        """Whether a new request would have to wait: requests queued or every runner busy."""
+        return self._queued_rows > 0 or self._busy >= self.options.instances
 
     @property
     def accepting(self) -> bool:
@@ -233,7 +239,7 @@ class Batcher:
             self._maybe_idle()
 
     async def _run(self, instance: int) -> None:
-        loop = asyncio.get_running_loop()
+        runner = self._runners[instance]
         while True:
             batch = await self._gather()
             if batch is None:
@@ -244,10 +250,8 @@ class Batcher:
                     pending.timer.cancel()
                 self.metrics.queue_wait.observe(started - pending.enqueued)
             try:
-                outcomes = await loop.run_in_executor(
-                    self._executor, self._compute, batch, instance
-                )
-            except BaseException as exc:  # the executor itself failed: answer, then go on
+                outcomes = await runner.run(self._compute, batch, instance)
+            except Exception as exc:  # _compute itself failed: answer everyone, then go on
                 log.exception("runner failed", extra={"model": self.model.key})
                 outcomes = [_Outcome(error=exc) for _ in batch]
             for pending, outcome in zip(batch, outcomes, strict=True):

@@ -17,7 +17,7 @@ import hashlib
 import logging
 import struct
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from enum import Enum
 from typing import Any
 
@@ -72,8 +72,12 @@ class _CountingTTLCache(TTLCache):
 def row_keys(model: LoadedModel, inputs: list[np.ndarray], rows: int) -> list[bytes]:
     """One SHA-256 digest per row over the canonical layout described above."""
     prefix = hashlib.sha256()
-    for part in (b"torchgate-row-v1", model.name.encode(), str(model.version).encode(),
-                 model.sha256.encode()):
+    for part in (
+        b"torchgate-row-v1",
+        model.name.encode(),
+        str(model.version).encode(),
+        model.sha256.encode(),
+    ):
         prefix.update(struct.pack("<I", len(part)) + part)
     batched = model.config.batched
     keys = []
@@ -120,9 +124,7 @@ class SharedTier:
     """The Redis tier: batched reads (MGET) and writes (pipelined SET PX)."""
 
     def __init__(self, url: str, metrics: Metrics, clock: Callable[[], float]) -> None:
-        self.client = aioredis.Redis.from_url(
-            url, socket_connect_timeout=0.25, socket_timeout=0.25
-        )
+        self.client = aioredis.Redis.from_url(url, socket_connect_timeout=0.25, socket_timeout=0.25)
         self.metrics = metrics
         self.clock = clock
         self._retry_at = 0.0
@@ -179,9 +181,7 @@ class VersionCache:
         self.shared = shared
         self.enabled = ttl_s > 0
         evictions = metrics.cache_evictions.labels(model.name)
-        self._local: TTLCache = _CountingTTLCache(
-            max_entries, ttl_s or 1, clock, evictions.inc
-        )
+        self._local: TTLCache = _CountingTTLCache(max_entries, ttl_s or 1, clock, evictions.inc)
         self._hits = metrics.cache_requests.labels(model.name, "hit")
         self._misses = metrics.cache_requests.labels(model.name, "miss")
         self._inflight: dict[bytes, asyncio.Future[Row]] = {}
@@ -203,19 +203,16 @@ class VersionCache:
         found: list[Row | None] = [None] * rows
         joined: dict[int, asyncio.Future[Row]] = {}
         if policy is CachePolicy.USE:
-            for i, key in enumerate(keys):
-                hit = self._local.get(key)
-                if hit is not None:
-                    found[i] = hit
-                elif key in self._inflight:
-                    joined[i] = self._inflight[key]
-            missing = [i for i in range(rows) if found[i] is None and i not in joined]
+            missing = self._lookup(keys, range(rows), found, joined)
             if missing and self.shared is not None:
                 blobs = await self.shared.get_many([keys[i] for i in missing])
                 for i, blob in zip(missing, blobs, strict=True):
                     if blob is not None:
                         found[i] = self._local[keys[i]] = decode_row(blob)
-                missing = [i for i in missing if found[i] is None]
+                # a row another request began computing while this one awaited Redis is
+                # joined, not computed twice
+                missed = [i for i in missing if found[i] is None]
+                missing = self._lookup(keys, missed, found, joined)
         else:
             missing = list(range(rows))
         hits = rows - len(missing)
@@ -237,6 +234,26 @@ class VersionCache:
             for k in range(len(self.model.config.outputs))
         ]
         return outputs, "HIT" if not missing else "PARTIAL"
+
+    def _lookup(
+        self,
+        keys: list[bytes],
+        candidates: Iterable[int],
+        found: list[Row | None],
+        joined: dict[int, asyncio.Future[Row]],
+    ) -> list[int]:
+        """Fill `found` from the local tier and `joined` from computations in flight; the
+        rows left are the misses."""
+        missing = []
+        for i in candidates:
+            hit = self._local.get(keys[i])
+            if hit is not None:
+                found[i] = hit
+            elif keys[i] in self._inflight:
+                joined[i] = self._inflight[keys[i]]
+            else:
+                missing.append(i)
+        return missing
 
     async def _compute(
         self,

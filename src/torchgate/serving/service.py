@@ -78,8 +78,11 @@ class InferenceService:
                 self.metrics.shed.labels(served.name, "circuit_open").inc()
                 raise
             try:
+                # a request that an idle runner takes at once cannot be dropped before its
+                # forward anyway: only one that will wait needs a disconnect watcher
+                waits = served.batcher.busy
                 future = served.batcher.submit(subset, subset_rows)
-                if receive is None:
+                if receive is None or not waits:
                     result = await future
                 else:
                     result = await _unless_disconnected(future, receive)
@@ -134,13 +137,15 @@ async def _unless_disconnected(future: asyncio.Future[T], receive: Receive) -> T
 
 
 def softmax_top(outputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Each row's top class and its probability (logits are soft-maxed, probabilities kept)."""
-    scores = outputs.astype(np.float64).reshape(outputs.shape[0], -1)
-    looks_like_probabilities = (
-        scores.size > 0 and scores.min() >= 0 and np.allclose(scores.sum(axis=1), 1, atol=1e-3)
-    )
-    if not looks_like_probabilities:
-        shifted = np.exp(scores - scores.max(axis=1, keepdims=True))
-        scores = shifted / shifted.sum(axis=1, keepdims=True)
+    """Each row's top class and its probability. Outputs that already look like
+    probabilities (non-negative, rows summing to 1) are kept; logits are soft-maxed."""
+    scores = outputs.reshape(outputs.shape[0], -1).astype(np.float32, copy=False)
     top = scores.argmax(axis=1)
-    return top, scores[np.arange(len(top)), top]
+    picked = np.arange(len(top))
+    best = scores[picked, top]
+    sums = scores.sum(axis=1)
+    if scores.min() >= 0 and np.abs(sums - 1).max() < 1e-3:
+        return top, best.astype(np.float64)
+    # softmax of the top entry alone: 1 / sum(exp(x - max))
+    norm = np.exp(scores - best[:, None]).sum(axis=1)
+    return top, (1.0 / norm).astype(np.float64)

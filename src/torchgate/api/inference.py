@@ -1,0 +1,50 @@
+"""The body every inference route shares, whatever its protocol: resolve the model, run
+the decoded request through the service, and note what the access log and metrics need.
+
+Inference routes are plain Starlette routes, not FastAPI ones: FastAPI's dependency
+injection and validation doubled the per-request cost of an empty handler here (6.3k vs
+11.6k requests/s), and these routes take raw bytes and return raw bytes anyway.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from starlette.requests import Request
+
+from torchgate.serving.registry import ModelRegistry, ServedVersion
+from torchgate.serving.service import InferenceResult, InferenceService
+
+
+def registry_of(request: Request) -> ModelRegistry:
+    return request.app.state.registry
+
+
+def resolve(request: Request, name: str | None, version: str | None) -> ServedVersion:
+    """The served version a request is for; the model becomes a metrics label only now."""
+    registry = registry_of(request)
+    served = registry.resolve(name or registry.default_model(), version)
+    request.state.model, request.state.version = served.name, served.version
+    return served
+
+
+async def run(
+    request: Request, served: ServedVersion, inputs: list[np.ndarray], rows: int
+) -> InferenceResult:
+    service: InferenceService = request.app.state.service
+    state = request.state
+    state.rows = rows
+    result = await service.infer(
+        served,
+        inputs,
+        rows,
+        receive=request.receive,
+        cache_control=request.headers.get("cache-control"),
+    )
+    state.cache = result.cache
+    state.queue_ms = round(result.queue_s * 1000, 3)
+    state.compute_ms = round(result.compute_s * 1000, 3)
+    return result
+
+
+def cache_header(result: InferenceResult) -> dict[str, str]:
+    return {"X-Cache": result.cache} if result.cache else {}
