@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 from starlette.requests import Request
 
+from torchgate.api.textguard import TextPolicy
 from torchgate.serving.registry import ModelRegistry, ServedVersion
 from torchgate.serving.service import InferenceResult, InferenceService
 
@@ -31,6 +32,10 @@ async def run(
     request: Request, served: ServedVersion, inputs: list[np.ndarray], rows: int
 ) -> InferenceResult:
     service: InferenceService = request.app.state.service
+    policy: TextPolicy = request.app.state.text_policy
+    for spec, array in zip(served.config.inputs, inputs, strict=True):
+        if spec.datatype == "BYTES":
+            policy.check(array, f"input {spec.name!r}")
     state = request.state
     state.rows = rows
     result = await service.infer(

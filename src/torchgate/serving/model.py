@@ -43,8 +43,11 @@ class LoadedModel:
         in pinned host memory so that the copy to the device does not block.
         """
         module = self.modules[instance % len(self.modules)]
-        tensors = []
+        tensors: list[object] = []
         for spec, array in zip(self.config.inputs, inputs, strict=True):
+            if spec.datatype == "BYTES":  # text reaches the model as List[str], row-major
+                tensors.append([_text(v) for v in array.reshape(-1)])
+                continue
             tensor = to_tensor(array, spec.datatype)
             if self._pin:
                 tensor = tensor.pin_memory().to(self.device, non_blocking=True)
@@ -81,6 +84,12 @@ class LoadedModel:
             wanted = NUMPY[spec.datatype]
             arrays.append(array if array.dtype == wanted else array.astype(wanted))
         return arrays
+
+
+def _text(value: object) -> str:
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value).decode("utf-8", errors="replace")
+    return str(value)
 
 
 def parameter_bytes(module: torch.nn.Module) -> int:

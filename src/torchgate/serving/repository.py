@@ -204,4 +204,6 @@ class ModelRepository:
 def _dummy(shape: tuple[int, ...], datatype: str, rows: int) -> np.ndarray:
     dims = tuple(1 if d == -1 else d for d in shape)
     full = ((rows,) if rows else ()) + dims
+    if datatype == "BYTES":
+        return np.full(full, "", dtype=object)
     return np.zeros(full, dtype=NUMPY[datatype])
