@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry
 
 from torchgate import __version__
 from torchgate.api import dashboard, errors, health, v1, v2
+from torchgate.api.textguard import TextPolicy
 from torchgate.config import Settings
 from torchgate.dashboard import Sampler
 from torchgate.keys import KeyStore
@@ -113,6 +114,9 @@ def create_app(settings: Settings, *, models: dict[str, ModelFolder] | None = No
     app.state.ready = False
     app.state.draining = False
     app.state.readiness_checks = []
+    app.state.text_policy = TextPolicy(
+        max_length=settings.max_text_length, deny_phrases=settings.deny_list()
+    )
     errors.install(app)
     app.include_router(health.router)
     app.include_router(dashboard.router)
