@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -30,6 +31,15 @@ from torchgate.serving.repository import ModelFolder, ModelRepository
 from torchgate.serving.service import InferenceService
 
 log = logging.getLogger("torchgate")
+
+
+# FastAPI 0.16x checks OpenTelemetry providers on every request unless told not to; torchgate
+# has its own Prometheus metrics and JSON logs (with W3C trace ids), so it opts out.
+_NO_NATIVE_TELEMETRY: dict[str, object] = (
+    {"telemetry": {"tracing": False, "metrics": False, "logs": False}}
+    if "telemetry" in inspect.signature(FastAPI.__init__).parameters
+    else {}
+)
 
 
 def torch_threads(settings: Settings) -> int:
@@ -108,6 +118,7 @@ def create_app(settings: Settings, *, models: dict[str, ModelFolder] | None = No
         docs_url=None,
         redoc_url=None,
         openapi_url=None,
+        **_NO_NATIVE_TELEMETRY,
     )
     app.state.settings = settings
     app.state.metrics = metrics
@@ -118,12 +129,13 @@ def create_app(settings: Settings, *, models: dict[str, ModelFolder] | None = No
         max_length=settings.max_text_length, deny_phrases=settings.deny_list()
     )
     errors.install(app)
+    # the hot routes first: the router tries routes in order
+    v1.add_inference_routes(app)
+    v2.add_inference_routes(app)
     app.include_router(health.router)
     app.include_router(dashboard.router)
     app.include_router(v1.router)
     app.include_router(v2.router)
-    v1.add_inference_routes(app)
-    v2.add_inference_routes(app)
     # add_middleware wraps: the last added is the outermost. Outermost first: request
     # context, metrics, auth, rate limit, body limits (DESIGN.md).
     app.add_middleware(

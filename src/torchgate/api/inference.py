@@ -8,12 +8,25 @@ injection and validation doubled the per-request cost of an empty handler here (
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 import numpy as np
+from fastapi import FastAPI
 from starlette.requests import Request
+from starlette.responses import Response
 
 from torchgate.api.textguard import TextPolicy
 from torchgate.serving.registry import ModelRegistry, ServedVersion
 from torchgate.serving.service import InferenceResult, InferenceService
+
+Endpoint = Callable[[Request], Awaitable[Response]]
+
+
+def add_route(app: FastAPI, path: str, endpoint: Endpoint) -> None:
+    """Register a hot route; the metrics middleware labels it by `path` (FastAPI's router
+    records `scope["route"]` only for its own routes, so the endpoint carries its template)."""
+    endpoint.route_template = path  # type: ignore[attr-defined]
+    app.add_route(path, endpoint, methods=["POST"])
 
 
 def registry_of(request: Request) -> ModelRegistry:

@@ -109,9 +109,9 @@ async def predict_version(request: Request) -> Response:
 
 def add_inference_routes(app: FastAPI) -> None:
     """The hot routes, as plain Starlette routes (see `api.inference`)."""
-    app.add_route("/predict", predict, methods=["POST"])
-    app.add_route("/v1/models/{name}:predict", predict_model, methods=["POST"])
-    app.add_route("/v1/models/{name}/versions/{version}:predict", predict_version, methods=["POST"])
+    inference.add_route(app, "/predict", predict)
+    inference.add_route(app, "/v1/models/{name}:predict", predict_model)
+    inference.add_route(app, "/v1/models/{name}/versions/{version}:predict", predict_version)
 
 
 @router.get("/v1/models/{name}", summary="Status of a model's versions")

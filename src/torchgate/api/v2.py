@@ -321,5 +321,5 @@ async def infer_version(request: Request) -> Response:
 
 def add_inference_routes(app: FastAPI) -> None:
     """The hot routes, as plain Starlette routes (see `api.inference`)."""
-    app.add_route("/v2/models/{name}/infer", infer, methods=["POST"])
-    app.add_route("/v2/models/{name}/versions/{version}/infer", infer_version, methods=["POST"])
+    inference.add_route(app, "/v2/models/{name}/infer", infer)
+    inference.add_route(app, "/v2/models/{name}/versions/{version}/infer", infer_version)

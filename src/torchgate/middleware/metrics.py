@@ -41,8 +41,11 @@ class MetricsMiddleware:
             await self.app(scope, receive, send_status)
         finally:
             m.inflight.dec()
-            route = scope.get("route")
-            template = getattr(route, "path", None) or "unmatched"
+            template = (
+                getattr(scope.get("route"), "path", None)
+                or getattr(scope.get("endpoint"), "route_template", None)
+                or "unmatched"
+            )
             code = str(status)
             m.http_requests.labels(template, scope["method"], code).inc()
             path = scope["path"]

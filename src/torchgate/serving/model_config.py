@@ -56,6 +56,35 @@ class CacheConfig(_Strict):
     max_entries: int = Field(10_000, ge=1)
 
 
+class ValidationConfig(_Strict):
+    """The accuracy gate on `validation.npz` (`torchgate validate`, admin loads)."""
+
+    min_accuracy: float = Field(0.95, ge=0, le=1)
+    max_drop: float = Field(0.01, ge=0, le=1, description="below the default version's accuracy")
+
+
+class CanaryConfig(_Strict):
+    """A canary rollout: `version` takes `weight` of the requests that name no version,
+    stepping up through `steps` while its error rate and p99 hold; rolled back when not."""
+
+    version: int = Field(ge=0)
+    weight: float = Field(0.1, ge=0, le=1)
+    max_error_rate: float = Field(0.01, ge=0, le=1)
+    max_p99_ms: float = Field(500.0, gt=0)
+    min_requests: int = Field(200, ge=1)
+    steps: tuple[float, ...] = (0.1, 0.5, 1.0)
+    window_s: float = Field(300.0, gt=0, description="outcomes older than this are forgotten")
+
+    @field_validator("steps")
+    @classmethod
+    def _steps(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if not value or value[-1] != 1.0:
+            raise ValueError("steps must end at 1.0 (promotion)")
+        if any(not 0 < s <= 1 for s in value) or list(value) != sorted(set(value)):
+            raise ValueError("steps must be increasing weights in (0, 1]")
+        return value
+
+
 class ModelConfig(_Strict):
     """A validated `model.toml`."""
 
@@ -68,6 +97,8 @@ class ModelConfig(_Strict):
     outputs: tuple[TensorSpec, ...] = Field(min_length=1)
     batching: BatchingConfig = BatchingConfig()
     cache: CacheConfig = CacheConfig()
+    validation: ValidationConfig = ValidationConfig()
+    canary: CanaryConfig | None = None
     sha256: dict[str, str] = Field(
         default_factory=dict, description="version -> expected SHA-256 of its model.pt"
     )
@@ -85,6 +116,8 @@ class ModelConfig(_Strict):
                     f"{len(self.labels)} labels need a first output of shape "
                     f"[{len(self.labels)}], not {list(first.shape)}"
                 )
+        if self.canary is not None and self.canary.version == self.default_version:
+            raise ValueError("canary.version must differ from default_version")
         for version, digest in self.sha256.items():
             if not version.isdigit() or not re.fullmatch(r"[0-9a-f]{64}", digest):
                 raise ValueError("sha256 maps a version number to 64 lowercase hex digits")

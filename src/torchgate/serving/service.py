@@ -7,6 +7,7 @@ batcher; the outputs come back with where the time went, ready for a codec to en
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -139,13 +140,17 @@ async def _unless_disconnected(future: asyncio.Future[T], receive: Receive) -> T
 def softmax_top(outputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Each row's top class and its probability. Outputs that already look like
     probabilities (non-negative, rows summing to 1) are kept; logits are soft-maxed."""
-    scores = outputs.reshape(outputs.shape[0], -1).astype(np.float32, copy=False)
+    scores = outputs.reshape(outputs.shape[0], -1)
+    if scores.shape[0] == 1:  # the common single-row request: plain Python is cheaper
+        row = scores[0].tolist()
+        best = max(row)
+        top = row.index(best)
+        if min(row) >= 0 and abs(sum(row) - 1) < 1e-3:
+            return np.array([top]), np.array([best])
+        return np.array([top]), np.array([1.0 / sum(math.exp(v - best) for v in row)])
     top = scores.argmax(axis=1)
-    picked = np.arange(len(top))
-    best = scores[picked, top]
-    sums = scores.sum(axis=1)
-    if scores.min() >= 0 and np.abs(sums - 1).max() < 1e-3:
-        return top, best.astype(np.float64)
+    best = scores[np.arange(len(top)), top].astype(np.float64)
+    if scores.min() >= 0 and np.abs(scores.sum(axis=1) - 1).max() < 1e-3:
+        return top, best
     # softmax of the top entry alone: 1 / sum(exp(x - max))
-    norm = np.exp(scores - best[:, None]).sum(axis=1)
-    return top, (1.0 / norm).astype(np.float64)
+    return top, 1.0 / np.exp(scores - best[:, None]).sum(axis=1)

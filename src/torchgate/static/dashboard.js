@@ -21,7 +21,7 @@ function fmt(value, digits) {
   if (value === null || value === undefined || !Number.isFinite(value)) return "\u2013";
   const abs = Math.abs(value);
   if (digits !== undefined) return value.toFixed(digits);
-  if (abs === 0) return "0";
+  if (Number.isInteger(value)) return String(value);
   if (abs >= 100) return value.toFixed(0);
   if (abs >= 10) return value.toFixed(1);
   if (abs >= 1) return value.toFixed(2);
@@ -40,10 +40,11 @@ function setFigure(id, value, digits) {
 
 // charts -----------------------------------------------------------------------------------
 
+// A top for the y axis whose quarters (the grid lines) are round numbers.
 function niceMax(value) {
   if (!(value > 0)) return 1;
   const step = Math.pow(10, Math.floor(Math.log10(value)));
-  for (const m of [1, 1.2, 1.5, 2, 2.5, 3, 4, 5, 6, 8, 10]) {
+  for (const m of [1, 1.2, 1.6, 2, 3, 4, 6, 8, 10]) {
     if (m * step >= value) return m * step;
   }
   return 10 * step;
@@ -68,11 +69,11 @@ function drawChart(canvasId, series, options = {}) {
   const latest = samples.length ? samples[samples.length - 1].t : 0;
   const oldest = samples.length ? samples[0].t : 0;
   const span = Math.max(MIN_SPAN_S, latest - oldest);
-  let top = options.minMax || 0;
+  let top = 0;
   for (const s of series) {
     for (const v of s.values) if (v !== null && v > top) top = v;
   }
-  top = options.fixedMax || niceMax(top * 1.08);
+  top = options.fixedMax || niceMax(Math.max(top * 1.08, options.minMax || 0));
   const x = (t) => pad.left + plotW * (1 - (latest - t) / span);
   const y = (v) => pad.top + plotH * (1 - v / top);
 
@@ -89,7 +90,7 @@ function drawChart(canvasId, series, options = {}) {
     ctx.moveTo(pad.left, py);
     ctx.lineTo(width - pad.right, py);
     ctx.stroke();
-    ctx.fillText(fmt(v), pad.left - 6, py);
+    ctx.fillText(String(Number(v.toPrecision(3))), pad.left - 6, py);
   }
   ctx.textAlign = "center";
   ctx.textBaseline = "top";
@@ -102,6 +103,13 @@ function drawChart(canvasId, series, options = {}) {
   ctx.lineWidth = 1.6;
   ctx.lineJoin = "round";
   for (const s of series) {
+    const lastValue = s.values.length ? s.values[s.values.length - 1] : null;
+    if (lastValue !== null && lastValue !== undefined) {
+      ctx.fillStyle = s.color;
+      ctx.beginPath();
+      ctx.arc(x(latest), y(Math.min(lastValue, top)), 2.5, 0, 2 * Math.PI);
+      ctx.fill();
+    }
     ctx.strokeStyle = s.color;
     ctx.beginPath();
     let drawing = false;
@@ -190,13 +198,13 @@ function render() {
   })), { legend: "legend-status", unit: "/s", minMax: 1 });
   drawChart("chart-queue", [
     { name: "rows", color: COLORS.line, values: column("queue_rows") },
-  ], { legend: "legend-queue", minMax: 1 });
+  ], { legend: "legend-queue", minMax: 4 });
   drawChart("chart-fill", [
     { name: "fill", color: COLORS.line, values: column("batch_fill", 100) },
   ], { legend: "legend-fill", unit: " %", fixedMax: 100 });
   drawChart("chart-inflight", [
     { name: "in flight", color: COLORS.line, values: column("inflight") },
-  ], { legend: "legend-inflight", minMax: 1 });
+  ], { legend: "legend-inflight", minMax: 4 });
   drawChart("chart-cache", [
     { name: "hits", color: COLORS.line, values: column("cache_hit_rate", 100) },
   ], { legend: "legend-cache", unit: " %", fixedMax: 100 });
