@@ -1,4 +1,4 @@
-"""The `torchgate` command: `serve`, with flags mapping onto `Settings` fields."""
+"""The `torchgate` command: `serve` (flags mapping onto `Settings` fields), `keys`, `validate`."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 import pydantic
 import uvicorn
@@ -20,6 +21,10 @@ from torchgate import __version__, logs
 from torchgate.config import RATE_PATTERN, Settings
 from torchgate.errors import ModelLoadError
 from torchgate.keys import KeyFileError, KeyStore, key_file_entry, new_key
+
+if TYPE_CHECKING:
+    from torchgate.serving.model_config import ValidationConfig
+    from torchgate.serving.validation import GateResult
 
 log = logging.getLogger("torchgate")
 
@@ -122,6 +127,7 @@ def serve(args: argparse.Namespace) -> int:
         access_log=False,
         timeout_graceful_shutdown=int(settings.drain_timeout_s) or 1,
         server_header=False,
+        proxy_headers=False,  # client addresses are the peer's; ingress headers are not trusted
         date_header=True,
     )
     server = _Server(config, app)
@@ -162,17 +168,95 @@ def keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def _validate_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "validate", help="check a model version's accuracy on its validation.npz (exit 1: fail)"
+    )
+    p.add_argument("folder", type=Path, help="a model folder, e.g. models/digits")
+    p.add_argument("--version", type=int, help="the version to check (default: the default one)")
+    p.add_argument(
+        "--min-accuracy", type=float, help="lowest passing accuracy ([validation], 0.95)"
+    )
+    p.add_argument(
+        "--max-drop", type=float, help="largest drop below the default version ([validation], 0.01)"
+    )
+
+
+def validate(args: argparse.Namespace) -> int:
+    """Run one version on its model's validation rows, on CPU; 0 pass, 1 fail, 2 misuse."""
+    from torchgate.serving import validation
+    from torchgate.serving.model_config import ValidationConfig
+    from torchgate.serving.repository import ModelRepository
+
+    folder: Path = args.folder.resolve()
+    repository = ModelRepository(folder.parent, "cpu")
+    name = folder.name
+    try:
+        config = repository.read_config(name)
+        versions = repository.versions(name)
+        data = validation.ValidationSet.read(folder, config)
+    except ModelLoadError as exc:
+        return _fail(str(exc))
+    except validation.ValidationError as exc:
+        return _fail(f"{folder}: {exc}")
+    if data is None:
+        return _fail(f"{folder} has no {validation.FILE} (held-out x and y) to validate against")
+    default = max(versions) if config.default_version == "latest" else config.default_version
+    version = default if args.version is None else args.version
+    if version not in versions:
+        return _fail(f"{folder} has no version {version} (it has {', '.join(map(str, versions))})")
+    bounds = config.validation.model_dump()
+    given = {"min_accuracy": args.min_accuracy, "max_drop": args.max_drop}
+    try:
+        limits = ValidationConfig(**(bounds | {k: v for k, v in given.items() if v is not None}))
+    except pydantic.ValidationError as exc:
+        first = exc.errors()[0]
+        return _fail(f"--{str(first['loc'][0]).replace('_', '-')}: {first['msg']}")
+    against = validation.baseline_version(config, versions, version)
+    try:
+        candidate = repository.load_version(name, version, config)
+        baseline = None if against is None else repository.load_version(name, against, config)
+    except ModelLoadError as exc:
+        print(f"{name} version {version}: FAIL: {exc}")
+        return 1
+    result = validation.gate(candidate, data, limits, baseline)
+    _report(name, result, limits, config.max_batch_size)
+    return 0 if result.passed else 1
+
+
+def _report(name: str, result: GateResult, limits: ValidationConfig, batch: int) -> None:
+    evaluation = result.evaluation
+    if evaluation is not None:
+        print(f"{name} version {result.version} on {evaluation.rows} validation rows (cpu)")
+        print(f"  accuracy      {evaluation.accuracy:.4f}  (min {limits.min_accuracy})")
+        if result.baseline is not None:
+            drop = result.baseline.accuracy - evaluation.accuracy
+            print(
+                f"  version {result.baseline.version:<5} {result.baseline.accuracy:.4f}  "
+                f"(drop {drop:+.4f}, max {limits.max_drop})"
+            )
+        print(f"  latency       {evaluation.ms_per_row:.4f} ms/row (batches of {batch or 1})")
+        print(f"  model size    {evaluation.model_bytes:,} bytes (parameters and buffers)")
+        recall = "  ".join(f"{k}:{v:.3f}" for k, v in evaluation.recall.items())
+        print(f"  recall        {recall}")
+    verdict = "PASS" if result.passed else "FAIL: " + "; ".join(result.problems)
+    print(f"{name} version {result.version}: {verdict}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="torchgate", description="TorchScript model server")
     parser.add_argument("--version", action="version", version=f"torchgate {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
     _keys_parser(sub)
+    _validate_parser(sub)
     args = parser.parse_args(argv)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     if args.command == "serve":
         return serve(args)
     if args.command == "keys":
         return keys(args)
+    if args.command == "validate":
+        return validate(args)
     parser.error(f"unknown command {args.command}")
     return 2

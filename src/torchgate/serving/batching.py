@@ -91,6 +91,8 @@ class Batcher:
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
+        # read at scrape time: no gauge update (and its lock) on every request
+        self.metrics.queue_rows.set_function(lambda: self._queued_rows)
         self._runners = [
             Runner(f"runner-{self.model.key}-{i}") for i in range(self.options.instances)
         ]
@@ -162,7 +164,6 @@ class Batcher:
         future.add_done_callback(lambda _: self._forget(pending))
         self._queue.append(pending)
         self._queued_rows += rows
-        self.metrics.queue_rows.set(self._queued_rows)
         self._idle.clear()
         self._wakeup.set()
         return future
@@ -182,7 +183,6 @@ class Batcher:
         if pending.queued:
             pending.queued = False
             self._queued_rows -= pending.rows
-            self.metrics.queue_rows.set(self._queued_rows)
             self._maybe_idle()
 
     def _maybe_idle(self) -> None:
