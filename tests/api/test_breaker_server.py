@@ -1,0 +1,201 @@
+"""The circuit breaker seen through a real server holding two models: a failing model's
+circuit opens, refuses at once, probes and closes, on /metrics and /health/ready, while the
+other model keeps answering; client errors and shed load never open it."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from tests.support import (
+    Doubler,
+    ServerThread,
+    copy_digits,
+    doubler_toml,
+    metric,
+    slow_row,
+    write_model,
+)
+from torchgate.config import Settings
+
+FLAKY = "/v1/models/flaky:predict"
+GOOD = {"instances": [[1.0, 2.0, 3.0, 4.0]]}
+POISONED = {"instances": [[666.0, 0.0, 0.0, 0.0]]}
+COOLDOWN_S = 1.0
+
+
+@pytest.fixture
+def two_models(tmp_path: Path, make_settings: Callable[..., Settings]):
+    def start(**batching: object) -> ServerThread:
+        write_model(tmp_path, "flaky", Doubler(), doubler_toml(**batching))
+        copy_digits(tmp_path)
+        settings = make_settings(
+            models=tmp_path, breaker_failures=3, breaker_cooldown_s=COOLDOWN_S, cache_ttl_s=0
+        )
+        return ServerThread(settings)
+
+    return start
+
+
+class View:
+    """What a client sees of the flaky model's circuit."""
+
+    def __init__(self, client: httpx.Client, digits_body: dict) -> None:
+        self.client = client
+        self.digits_body = digits_body
+
+    def metrics(self) -> str:
+        return self.client.get("/metrics").text
+
+    def state(self) -> float:
+        return metric(self.metrics(), "torchgate_circuit_state", model="flaky", version="1")
+
+    def transitions(self) -> dict[str, float]:
+        text = self.metrics()
+        return {
+            to: metric(text, "torchgate_circuit_transitions_total", model="flaky", to=to)
+            for to in ("open", "half_open", "closed")
+        }
+
+    def ready(self) -> httpx.Response:
+        return self.client.get("/health/ready")
+
+    def other_model_answers(self) -> None:
+        answer = self.client.post("/v1/models/digits:predict", json=self.digits_body)
+        assert answer.status_code == 200, answer.text
+        assert self.client.get("/health").status_code == 200
+        assert self.client.get("/v2/models/digits/ready").status_code == 200
+
+
+def _digits_body(tmp_path: Path) -> dict:
+    x = np.load(tmp_path / "digits" / "validation.npz")["x"][:1]
+    return {"instances": x.tolist()}
+
+
+def test_a_failing_model_opens_probes_and_closes_while_the_other_keeps_serving(
+    two_models, tmp_path: Path
+) -> None:
+    with two_models() as server, httpx.Client(base_url=server.url, timeout=30) as client:
+        view = View(client, _digits_body(tmp_path))
+
+        # closed
+        assert client.post(FLAKY, json=GOOD).status_code == 200
+        assert view.state() == 0 and view.ready().status_code == 200
+        view.other_model_answers()
+
+        # closed -> open: three model failures in a row
+        for _ in range(2):
+            answer = client.post(FLAKY, json=POISONED)
+            assert answer.status_code == 500 and "error" in answer.json()
+            view.other_model_answers()
+        sent = time.monotonic()
+        assert client.post(FLAKY, json=POISONED).status_code == 500
+        opened = time.monotonic()  # the circuit opened between `sent` and now
+        forwards = metric(view.metrics(), "torchgate_batch_size_count", model="flaky", version="1")
+        refused = client.post(FLAKY, json=GOOD)
+        text = view.metrics()
+        ready = view.ready()
+        assert time.monotonic() - sent < COOLDOWN_S, "too slow to see the open state"
+        assert refused.status_code == 503
+        assert refused.headers["retry-after"] == "1"
+        assert "flaky" in refused.json()["error"]
+        assert metric(text, "torchgate_circuit_state", model="flaky", version="1") == 2
+        assert metric(text, "torchgate_shed_total", model="flaky", reason="circuit_open") == 1
+        # refused without queueing: nothing was computed, nothing waits
+        assert metric(text, "torchgate_batch_size_count", model="flaky", version="1") == forwards
+        assert metric(text, "torchgate_queue_rows", model="flaky", version="1") == 0
+        assert ready.status_code == 503
+        assert "circuit open for flaky/1" in ready.json()["reasons"]
+        assert client.get("/v2/health/ready").status_code == 503
+        assert view.transitions() == {"open": 1, "half_open": 0, "closed": 0}
+        view.other_model_answers()
+        assert metric(view.metrics(), "torchgate_circuit_state", model="digits", version="1") == 0
+
+        # open -> half-open after the cooldown: ready again, /metrics shows it
+        time.sleep(max(0.0, opened + COOLDOWN_S + 0.05 - time.monotonic()))
+        assert view.state() == 1
+        assert view.ready().status_code == 200
+        assert view.transitions() == {"open": 1, "half_open": 1, "closed": 0}
+        view.other_model_answers()
+
+        # a failed probe re-opens for another cooldown
+        sent = time.monotonic()
+        assert client.post(FLAKY, json=POISONED).status_code == 500
+        reopened = time.monotonic()
+        refused = client.post(FLAKY, json=GOOD)
+        state, ready = view.state(), view.ready()
+        assert time.monotonic() - sent < COOLDOWN_S, "too slow to see the open state"
+        assert refused.status_code == 503 and state == 2 and ready.status_code == 503
+        view.other_model_answers()
+        time.sleep(max(0.0, reopened + COOLDOWN_S + 0.05 - time.monotonic()))
+
+        # half-open -> closed: a good probe
+        answer = client.post(FLAKY, json=GOOD)
+        assert answer.status_code == 200
+        assert answer.json()["predictions"] == [[2.0, 4.0, 6.0, 8.0]]
+        assert view.state() == 0
+        assert view.ready().status_code == 200
+        assert view.transitions() == {"open": 2, "half_open": 2, "closed": 1}
+        for _ in range(3):
+            assert client.post(FLAKY, json=GOOD).status_code == 200
+        view.other_model_answers()
+        assert client.get("/health").status_code == 200
+
+
+def test_client_errors_and_shed_load_never_open_the_circuit(two_models, tmp_path: Path) -> None:
+    with two_models(max_queue_rows=2) as server, httpx.Client(base_url=server.url) as client:
+        view = View(client, _digits_body(tmp_path))
+        bad = [
+            {"instances": [[1.0, 2.0]]},  # wrong shape
+            {"instances": [[1.0, 2.0, "x", 4.0]]},
+            {"rows": []},
+            {"instances": []},
+        ]
+        for _ in range(2):
+            for body in bad:
+                assert client.post(FLAKY, json=body).status_code == 400
+        assert client.post(FLAKY, content=b"{", headers={"content-type": "application/json"}).status_code == 400
+
+        shed = asyncio.run(_shed_five(server.url))
+        assert [a.status_code for a in shed] == [503] * 5
+        text = view.metrics()
+        assert metric(text, "torchgate_shed_total", model="flaky", reason="queue_full") == 5
+        assert view.state() == 0
+
+        # the count is still zero: two model failures do not open it, the third does
+        for _ in range(2):
+            assert client.post(FLAKY, json=POISONED).status_code == 500
+        assert view.state() == 0 and view.ready().status_code == 200
+        assert client.post(FLAKY, json=POISONED).status_code == 500
+        assert view.state() == 2
+        view.other_model_answers()
+
+
+async def _shed_five(url: str) -> list[httpx.Response]:
+    """Hold the runner with a slow row, fill the queue (two rows), then send five more."""
+    limits = httpx.Limits(max_connections=10)
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as c:
+        held = asyncio.create_task(c.post(FLAKY, json={"instances": [slow_row(20)]}))
+        await _until(c, "torchgate_queue_wait_seconds_count", 1)  # the runner took it
+        queued = [
+            asyncio.create_task(c.post(FLAKY, json={"instances": [[float(i), 0.0, 0.0, 0.0]]}))
+            for i in range(2)
+        ]
+        await _until(c, "torchgate_queue_rows", 2)
+        shed = [await c.post(FLAKY, json=GOOD) for _ in range(5)]
+        answers = await asyncio.gather(held, *queued)
+        assert [a.status_code for a in answers] == [200] * 3, "the held runner finished too soon"
+        return shed
+
+
+async def _until(client: httpx.AsyncClient, name: str, value: float) -> None:
+    deadline = time.monotonic() + 10
+    while metric((await client.get("/metrics")).text, name, model="flaky", version="1") != value:
+        assert time.monotonic() < deadline, f"{name} never reached {value}"
+        await asyncio.sleep(0.01)
