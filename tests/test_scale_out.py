@@ -4,7 +4,6 @@ share cached rows; with Redis gone, each replica keeps serving from its own cach
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import time
 import uuid
@@ -23,6 +22,7 @@ from tests.support import (
     doubler_toml,
     free_port,
     metric,
+    redis_up,
     server_process,
     write_model,
 )
@@ -49,14 +49,6 @@ def row(i: float) -> list[float]:
 def doubled(r: list[float]) -> list[float]:
     return [2 * v for v in r]
 
-
-def _redis_up(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
-            s.sendall(b"PING\r\n")
-            return s.recv(16).startswith(b"+PONG")
-    except OSError:
-        return False
 
 
 @contextmanager
@@ -92,7 +84,7 @@ class Cluster:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    assert _redis_up(6379), "the tests need Redis on 127.0.0.1:6379 (.ci/run starts it)"
+    assert redis_up(6379), "the tests need Redis on 127.0.0.1:6379 (.ci/run starts it)"
     root = tmp_path_factory.mktemp("scale_out")
     write_model(root / "models", "doubler", Salted(), doubler_toml())
     run = uuid.uuid4().hex[:12]  # key names are rate-limit identities in the shared Redis
@@ -173,7 +165,7 @@ def own_redis() -> Iterator[tuple[subprocess.Popen[bytes], str]]:
     )
     try:
         deadline = time.monotonic() + 10
-        while not _redis_up(port):
+        while not redis_up(port):
             assert redis.poll() is None and time.monotonic() < deadline, "redis-server did not start"
             time.sleep(0.05)
         yield redis, f"redis://127.0.0.1:{port}/0"

@@ -61,9 +61,14 @@ class ClientDisconnected(TorchgateError):
 
 
 class InferenceFailed(TorchgateError):
-    """The model raised while computing this request."""
+    """The model raised while computing this request. `isolated`: it failed alone while
+    the other requests of its batch succeeded, so its input, not the model, is at fault."""
 
     status_code = 500
+
+    def __init__(self, message: str, *, isolated: bool = False) -> None:
+        super().__init__(message)
+        self.isolated = isolated
 
 
 class Unavailable(TorchgateError):

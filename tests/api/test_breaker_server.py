@@ -199,3 +199,27 @@ async def _until(client: httpx.AsyncClient, name: str, value: float) -> None:
     while metric((await client.get("/metrics")).text, name, model="flaky", version="1") != value:
         assert time.monotonic() < deadline, f"{name} never reached {value}"
         await asyncio.sleep(0.01)
+
+
+def test_a_poisoned_input_among_healthy_neighbours_does_not_open_the_circuit(tmp_path, make_settings):
+    write_model(tmp_path, "flaky", Doubler(), doubler_toml())
+    settings = make_settings(models=tmp_path, breaker_failures=2, cache_ttl_s=0)
+    with ServerThread(settings) as server:
+
+        async def round_with_poison() -> list[int]:
+            async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+                path = "/v1/models/flaky:predict"
+                held = asyncio.create_task(client.post(path, json={"instances": [slow_row(8)]}))
+                await asyncio.sleep(0.1)
+                bodies = [{"instances": [[float(i), 0, 0, 0]]} for i in range(6)]
+                bodies[3] = {"instances": [[666.0, 0, 0, 0]]}
+                answers = await asyncio.gather(*(client.post(path, json=b) for b in bodies))
+                await held
+                return [a.status_code for a in answers]
+
+        for _ in range(3):
+            assert asyncio.run(round_with_poison()) == [200, 200, 200, 500, 200, 200]
+        text = httpx.get(server.url + "/metrics").text
+        assert metric(text, "torchgate_circuit_state", model="flaky", version="1") == 0
+        assert metric(text, "torchgate_batch_retries_total", model="flaky", version="1") == 3
+        assert httpx.get(server.url + "/health/ready").status_code == 200

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support import MODELS, ServerThread, free_port, metric, run_cli, server_process
+from tests.support import MODELS, ServerThread, free_port, metric, redis_up, run_cli, server_process
 from torchgate.keys import key_file_entry
 
 ROW = [[[0.0] * 8 for _ in range(8)]]
@@ -252,17 +252,9 @@ def test_keys_new_prints_a_key_once_and_its_entry(tmp_path):
 # shared limits in Redis ----------------------------------------------------------------------
 
 
-def _redis_up(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
-            s.sendall(b"PING\r\n")
-            return s.recv(16).startswith(b"+PONG")
-    except OSError:
-        return False
-
 
 def test_two_servers_sharing_redis_enforce_one_limit(tmp_path):
-    assert _redis_up(6379), "the tests need Redis on 127.0.0.1:6379 (.ci/run starts it)"
+    assert redis_up(6379), "the tests need Redis on 127.0.0.1:6379 (.ci/run starts it)"
     key = f"tg_shared_{uuid.uuid4().hex}"
     keys_file = tmp_path / "keys.toml"
     keys_file.write_text(key_file_entry(f"shared-{uuid.uuid4().hex[:8]}", key, ["infer"]))
@@ -299,7 +291,7 @@ def test_redis_going_away_fails_open_and_counts_errors(tmp_path, make_settings):
     )
     try:
         for _ in range(100):
-            if _redis_up(port):
+            if redis_up(port):
                 break
             time.sleep(0.05)
         settings = make_settings(rate_limit="1000/minute", redis_url=f"redis://127.0.0.1:{port}/0")

@@ -158,6 +158,10 @@ def test_poisoned_request_fails_alone(doubler):
         with pytest.raises(InferenceFailed) as failed:
             await bad
         assert "Traceback" not in failed.value.message
+        assert failed.value.isolated  # its neighbours succeeded: the input is at fault
+        with pytest.raises(InferenceFailed) as alone:
+            await batcher.submit([rows(666)], 1)
+        assert not alone.value.isolated  # alone in its forward: nothing says it is the input
         # the batcher keeps serving
         np.testing.assert_array_equal((await batcher.submit([rows(4)], 1)).outputs[0], rows(4) * 2)
         return metrics

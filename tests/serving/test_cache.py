@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry
 
-from tests.support import Doubler, doubler_toml, free_port, write_model
+from tests.support import Doubler, doubler_toml, free_port, redis_up, write_model
 from torchgate.errors import InferenceFailed
 from torchgate.metrics import Metrics
 from torchgate.serving.cache import (
@@ -549,18 +548,10 @@ def test_an_inference_failure_is_not_cached(doubler) -> None:
 # the Redis tier -------------------------------------------------------------------------------
 
 
-def _redis_up(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
-            s.sendall(b"PING\r\n")
-            return s.recv(16).startswith(b"+PONG")
-    except OSError:
-        return False
-
 
 @pytest.fixture
 def salted(tmp_path: Path) -> LoadedModel:
-    assert _redis_up(6379), "the tests need Redis on 127.0.0.1:6379 (.ci/run starts it)"
+    assert redis_up(6379), "the tests need Redis on 127.0.0.1:6379 (.ci/run starts it)"
     write_model(tmp_path, "salted", Salted(), doubler_toml(max_batch_size=8))
     return load(tmp_path, "salted")
 

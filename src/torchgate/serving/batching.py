@@ -68,6 +68,7 @@ class _Outcome:
     outputs: list[np.ndarray] | None = None
     error: BaseException | None = None
     compute_s: float = 0.0
+    isolated: bool = False  # failed alone while requests of its batch succeeded
 
 
 @dataclass
@@ -261,7 +262,8 @@ class Batcher:
                     pending.future.set_exception(
                         InferenceFailed(
                             f"model {self.model.key} failed on this request "
-                            f"({type(outcome.error).__name__})"
+                            f"({type(outcome.error).__name__})",
+                            isolated=outcome.isolated,
                         )
                     )
                 else:
@@ -297,7 +299,7 @@ class Batcher:
                 "batch forward failed, retrying its requests one by one",
                 extra={"model": self.model.key, "rows": rows, "requests": len(batch)},
             )
-            return [self._compute_one(p, instance) for p in batch]
+            return _mark_isolated([self._compute_one(p, instance) for p in batch])
         compute_s = self.clock() - started
         self.metrics.compute.observe(compute_s)
         self.metrics.batch_size.observe(rows)
@@ -333,3 +335,11 @@ class Batcher:
                         f"model returned {out.shape[0] if out.ndim else 0} rows for {rows}"
                     )
         return outputs
+
+
+def _mark_isolated(outcomes: list[_Outcome]) -> list[_Outcome]:
+    """Failures of a retried batch whose other requests succeeded belong to their input."""
+    if any(o.error is None for o in outcomes):
+        for outcome in outcomes:
+            outcome.isolated = outcome.error is not None
+    return outcomes

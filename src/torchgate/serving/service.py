@@ -2,12 +2,15 @@
 
 A decoded request goes: model router (version) -> inference cache -> circuit breaker ->
 batcher; the outputs come back with where the time went, ready for a codec to encode.
+Once it is answered, a canary's outcome is recorded and the rows go to the drift window
+(both O(1) appends: the deciding and scoring happen elsewhere).
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -23,6 +26,7 @@ from torchgate.errors import (
 )
 from torchgate.metrics import Metrics
 from torchgate.serving.cache import CachePolicy
+from torchgate.serving.canary import Canary
 from torchgate.serving.registry import ModelRegistry, ServedVersion
 
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -64,8 +68,10 @@ class InferenceService:
         *,
         receive: Receive | None = None,
         cache_control: str | None = None,
+        canary: Canary | None = None,
     ) -> InferenceResult:
-        """Cache, then breaker, then batcher, for the rows the cache does not have."""
+        """Cache, then breaker, then batcher, for the rows the cache does not have.
+        `canary`: the rollout that routed this request to its version, to record with."""
         if self._draining():
             self.metrics.shed.labels(served.name, "draining").inc()
             raise Draining()
@@ -87,7 +93,15 @@ class InferenceService:
                     result = await future
                 else:
                     result = await _unless_disconnected(future, receive)
-            except (InferenceFailed, DeadlineExceeded):
+            except InferenceFailed as exc:
+                # a poisoned input that failed alone in a batch that otherwise succeeded
+                # says nothing about the model's health: no verdict for the breaker
+                if exc.isolated:
+                    breaker.release()
+                else:
+                    breaker.failure()
+                raise
+            except DeadlineExceeded:
                 breaker.failure()
                 raise
             except BaseException:  # client errors, shed load, disconnects: no verdict
@@ -98,8 +112,11 @@ class InferenceService:
             return result.outputs
 
         policy = CachePolicy.from_header(cache_control)
-        answer.outputs, answer.cache = await served.cache.run(inputs, rows, policy, compute)
+        work = served.cache.run(inputs, rows, policy, compute)
+        answer.outputs, answer.cache = await (work if canary is None else _watched(canary, work))
         self._label(answer)
+        if served.drift is not None:
+            served.drift.observe(inputs[0], answer.top)
         return answer
 
     def _label(self, result: InferenceResult) -> None:
@@ -113,6 +130,19 @@ class InferenceService:
         for index, count in enumerate(np.bincount(top, minlength=len(labels))):
             if count:
                 counter.labels(result.served.name, labels[index]).inc(int(count))
+
+
+async def _watched(canary: Canary, work: Awaitable[T]) -> T:
+    """Await `work`, recording its outcome with the canary: a failure is a server-side one
+    of the model path (the model raised, the deadline passed, the circuit is open)."""
+    started = time.perf_counter()
+    try:
+        result = await work
+    except (InferenceFailed, DeadlineExceeded, CircuitOpen):
+        canary.record(True, time.perf_counter() - started)
+        raise
+    canary.record(False, time.perf_counter() - started)
+    return result
 
 
 async def _unless_disconnected(future: asyncio.Future[T], receive: Receive) -> T:
