@@ -13,7 +13,15 @@ import numpy as np
 import torch
 from load import V2_ROWS, Cell, Workload, fill, run_wrk, v2_bodies
 from report import Target
-from servers import Server, ServerError, free_port, naive_command, post, torchgate_command
+from servers import (
+    BENCH_KEY,
+    Server,
+    ServerError,
+    free_port,
+    naive_command,
+    post,
+    torchgate_command,
+)
 
 
 @dataclass(slots=True)
@@ -35,11 +43,11 @@ class Plan:
 
 
 def server_env(**extra: str) -> dict[str, str]:
-    """The environment every server gets: no inherited TORCHGATE_* settings, auth off, and
-    a rate limit no single benchmark client can reach."""
+    """The environment every server gets: no inherited TORCHGATE_* settings, auth on with
+    the benchmark's key, and a rate limit no single benchmark client can reach."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("TORCHGATE_")}
     env.update(
-        TORCHGATE_AUTH="off",
+        TORCHGATE_API_KEYS=BENCH_KEY,
         TORCHGATE_RATE_LIMIT="1000000/second",
         PYTHONUNBUFFERED="1",
         **extra,

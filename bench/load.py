@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from servers import BENCH_KEY
 
 BENCH = Path(__file__).resolve().parent
 LUA = BENCH / "post.lua"
@@ -192,6 +193,7 @@ def run_wrk(
         url,
         "--",
         *lua_args,
+        f"key={BENCH_KEY}",
         f"seed={seed}",
     ]
     try:

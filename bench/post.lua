@@ -3,6 +3,7 @@
 --
 --   wrk -t2 -c16 -d10s -s bench/post.lua URL -- bodies=FILE seed=N [repeat=0.5 pool=32]
 --   wrk -t2 -c8 -d10s -s bench/post.lua URL -- body=FILE ctype=TYPE [header=NAME:VALUE]
+--   key=KEY (any form) sends "Authorization: Bearer KEY"
 --
 -- bodies=FILE: one template per line, "prefix<TAB>number<TAB>suffix". A request sends
 -- prefix .. (number + a random value below 0.001) .. suffix, so no two requests carry the
@@ -46,6 +47,9 @@ function init(args)
   if options.header then
     local name, value = options.header:match("^([^:]+):%s*(.*)$")
     wrk.headers[name] = value
+  end
+  if options.key then
+    wrk.headers["Authorization"] = "Bearer " .. options.key
   end
   if options.body then
     fixed_body = read_file(options.body)

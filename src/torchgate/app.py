@@ -14,7 +14,7 @@ from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
 from torchgate import __version__
-from torchgate.api import dashboard, errors, health, v1, v2
+from torchgate.api import admin, dashboard, errors, health, v1, v2
 from torchgate.api.textguard import TextPolicy
 from torchgate.config import Settings
 from torchgate.dashboard import Sampler
@@ -26,6 +26,7 @@ from torchgate.middleware.context import RequestContextMiddleware
 from torchgate.middleware.metrics import MetricsMiddleware
 from torchgate.middleware.ratelimit import RateLimiter, RateLimitMiddleware
 from torchgate.serving.cache import InferenceCache
+from torchgate.serving.drift import DriftScorer
 from torchgate.serving.registry import ModelRegistry
 from torchgate.serving.repository import ModelFolder, ModelRepository
 from torchgate.serving.service import InferenceService
@@ -87,6 +88,8 @@ def create_app(settings: Settings, *, models: dict[str, ModelFolder] | None = No
         )
         sampler.start()
         app.state.sampler = sampler
+        drift_scorer = DriftScorer(registry.drift_monitors)
+        drift_scorer.start()
         app.state.ready = True
         if not auth_on:
             log.warning("authentication is OFF: anyone who can reach this port can use it")
@@ -102,6 +105,7 @@ def create_app(settings: Settings, *, models: dict[str, ModelFolder] | None = No
             yield
         finally:
             await sampler.aclose()
+            await drift_scorer.aclose()
             app.state.ready = False
             app.state.draining = True
             drained = await registry.drain(settings.drain_timeout_s)
@@ -136,6 +140,7 @@ def create_app(settings: Settings, *, models: dict[str, ModelFolder] | None = No
     app.include_router(dashboard.router)
     app.include_router(v1.router)
     app.include_router(v2.router)
+    app.include_router(admin.router)
     # add_middleware wraps: the last added is the outermost. Outermost first: request
     # context, metrics, auth, rate limit, body limits (DESIGN.md).
     app.add_middleware(

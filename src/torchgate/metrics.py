@@ -202,6 +202,26 @@ class Metrics:
             registry=registry,
         )
 
+        # model lifecycle: canary rollouts and input drift
+        self.canary_weight = Gauge(
+            "torchgate_canary_weight",
+            "Share of requests without a version sent to a canary version (1 once promoted)",
+            ["model", "version"],
+            registry=registry,
+        )
+        self.canary_decisions = Counter(
+            "torchgate_canary_decisions_total",
+            "Canary rollout decisions: step, promote, rollback, manual",
+            ["model", "decision"],
+            registry=registry,
+        )
+        self.drift_score = Gauge(
+            "ai_model_drift_score",
+            "Mean population stability index of recent inputs against the training reference",
+            ["model"],
+            registry=registry,
+        )
+
         # edge protection
         self.ratelimit_rejections = Counter(
             "torchgate_ratelimit_rejections_total",
@@ -243,3 +263,13 @@ class Metrics:
         ):
             with contextlib.suppress(KeyError):
                 metric.remove(model, version)
+
+    def forget_canary(self, model: str, version: str) -> None:
+        """Drop a finished or replaced rollout's weight series."""
+        with contextlib.suppress(KeyError):
+            self.canary_weight.remove(model, version)
+
+    def forget_drift(self, model: str) -> None:
+        """Drop an unloaded model's drift score."""
+        with contextlib.suppress(KeyError):
+            self.drift_score.remove(model)

@@ -33,11 +33,23 @@ def registry_of(request: Request) -> ModelRegistry:
     return request.app.state.registry
 
 
+def caller(request: Request) -> str:
+    """Who is asking, for a sticky canary split: the API key's name, else the address."""
+    key_name = request.scope.get("state", {}).get("key_name")
+    if key_name:
+        return key_name
+    client = request.client
+    return client.host if client else ""
+
+
 def resolve(request: Request, name: str | None, version: str | None) -> ServedVersion:
-    """The served version a request is for; the model becomes a metrics label only now."""
+    """The served version a request is for (a canary's, for some callers, when it names
+    none); the model becomes a metrics label only now."""
     registry = registry_of(request)
-    served = registry.resolve(name or registry.default_model(), version)
-    request.state.model, request.state.version = served.name, served.version
+    identity = "" if version else caller(request)
+    served, canary = registry.route(name or registry.default_model(), version, identity)
+    state = request.state
+    state.model, state.version, state.canary = served.name, served.version, canary
     return served
 
 
@@ -57,6 +69,7 @@ async def run(
         rows,
         receive=request.receive,
         cache_control=request.headers.get("cache-control"),
+        canary=getattr(state, "canary", None),
     )
     state.cache = result.cache
     state.queue_ms = round(result.queue_s * 1000, 3)

@@ -93,6 +93,20 @@ def _text(value: object) -> str:
 
 
 def parameter_bytes(module: torch.nn.Module) -> int:
-    """Bytes held by a module's parameters and buffers."""
+    """Bytes held by a module's parameters and buffers, and by the packed weights of
+    quantized layers (`_packed_params`), which are neither: without them a dynamically
+    quantized model would count only its unquantized layers."""
     tensors = [*module.parameters(), *module.buffers()]
+    for sub in module.modules():
+        packed = getattr(sub, "_packed_params", None)
+        if isinstance(packed, torch.ScriptObject):
+            tensors += _tensors(packed.__getstate__())
     return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _tensors(value: object) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, list | tuple):
+        return [t for item in value for t in _tensors(item)]
+    return []

@@ -1,12 +1,16 @@
 """`ModelRegistry`: the models being served now, each version with its own batcher.
 
 The repository reads folders from disk; the registry owns what is live: it starts each
-version's batcher, resolves a request's model and version, and stops them on unload.
+version's batcher, resolves a request's model and version (splitting requests that name
+no version between the stable version and a canary), and stops them on unload. A reload
+through the admin API holds new or changed versions to the accuracy gate first
+(`serving.validation`); each model with a `reference.npz` gets a drift monitor.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from dataclasses import dataclass
 
@@ -16,9 +20,12 @@ from torchgate.metrics import Metrics
 from torchgate.serving.batching import Batcher, BatcherOptions
 from torchgate.serving.breaker import BreakerState, CircuitBreaker
 from torchgate.serving.cache import InferenceCache, VersionCache
+from torchgate.serving.canary import Canary, rollout
+from torchgate.serving.drift import DriftMonitor, Reference
 from torchgate.serving.model import LoadedModel
-from torchgate.serving.model_config import MODEL_NAME, ModelConfig
+from torchgate.serving.model_config import MODEL_NAME, CanaryConfig, ModelConfig
 from torchgate.serving.repository import ModelFolder, ModelRepository
+from torchgate.serving.validation import screen
 
 log = logging.getLogger("torchgate.registry")
 
@@ -31,6 +38,7 @@ class ServedVersion:
     batcher: Batcher
     cache: VersionCache
     breaker: CircuitBreaker
+    drift: DriftMonitor | None = None  # the model's, shared by its versions
 
     @property
     def name(self) -> str:
@@ -50,7 +58,9 @@ class ServedModel:
     name: str
     config: ModelConfig
     versions: dict[int, ServedVersion]
-    default_version: int
+    default_version: int  # the stable version while a canary rolls out
+    canary: Canary | None = None
+    drift: DriftMonitor | None = None
 
 
 class ModelRegistry:
@@ -96,6 +106,23 @@ class ModelRegistry:
             raise ModelNotFound(f"model {name} has no version {shown}")
         return found
 
+    def route(
+        self, name: str, version: str | None, identity: str
+    ) -> tuple[ServedVersion, Canary | None]:
+        """`resolve`, but a request without a version may go to the model's canary (by the
+        caller's `identity`); the canary comes back when it did, to record the outcome."""
+        if version:
+            return self.resolve(name, version), None
+        served = self.get(name)
+        canary = served.canary
+        if canary is None or not canary.routing:
+            return served.versions[served.default_version], None
+        number = canary.choose(identity)
+        chosen = served.versions.get(number)
+        if chosen is None:
+            return served.versions[served.default_version], None
+        return chosen, canary if number == canary.version else None
+
     def default_model(self) -> str:
         if self.settings.default_model:
             return self.settings.default_model
@@ -109,25 +136,57 @@ class ModelRegistry:
     def versions(self) -> list[ServedVersion]:
         return [v for m in self._models.values() for v in m.versions.values()]
 
+    def drift_monitors(self) -> list[DriftMonitor]:
+        return [m.drift for m in self._models.values() if m.drift is not None]
+
     def open_circuits(self) -> list[str]:
         """Versions whose breaker is open now (refreshing each breaker's state)."""
         return [v.model.key for v in self.versions() if v.breaker.state is BreakerState.OPEN]
 
     # loading -----------------------------------------------------------------------------
 
-    def add(self, folder: ModelFolder) -> ServedModel:
-        """Serve a loaded folder: start a batcher per version (inside the running loop)."""
+    def add(self, folder: ModelFolder, reference: Reference | None = None) -> ServedModel:
+        """Serve a loaded folder: start a batcher per version (inside the running loop).
+
+        `reference` is the folder's drift reference when already read (otherwise it is
+        read here); a running canary or drift window of the model is kept when unchanged."""
+        old = self._models.get(folder.name)
+        if reference is None:
+            reference = Reference.read(self.repository.root / folder.name)
         versions = {n: self._serve(m) for n, m in sorted(folder.versions.items())}
         served = ServedModel(folder.name, folder.config, versions, folder.default_version)
+        start = functools.partial(self._canary, folder.name)
+        if old is None:
+            served.canary = rollout(folder, None, {}, start)
+            served.drift = DriftMonitor.serving(folder, reference, None, self.metrics)
+        else:
+            shas = {n: v.model.sha256 for n, v in old.versions.items()}
+            served.canary = rollout(folder, old.canary, shas, start)
+            served.drift = DriftMonitor.serving(folder, reference, old.drift, self.metrics)
+        if served.canary is not None:
+            served.default_version = served.canary.stable
+        for version in versions.values():
+            version.drift = served.drift
+        if old is not None:
+            if old.canary is not None and old.canary is not served.canary:
+                old.canary.close()
+            if old.drift is not None and old.drift is not served.drift:
+                old.drift.close()
         self._models[folder.name] = served
         self.metrics.models_loaded.set(len(self.versions()))
         return served
 
     async def load(self, name: str) -> ServedModel:
-        """(Re)load a model from the repository without blocking the loop."""
-        folder = await asyncio.to_thread(self.repository.load, name)
+        """(Re)load a model from the repository without blocking the loop.
+
+        New versions and versions whose file changed must pass the accuracy gate when the
+        model has a validation.npz: one that fails is not served; when none is left (or
+        the configured default failed) the load fails and what is served stays."""
         old = self._models.get(name)
-        served = self.add(folder)
+        current = {} if old is None else {n: v.model for n, v in old.versions.items()}
+        default = None if old is None else current[old.default_version]
+        folder, reference = await asyncio.to_thread(self._read, name, current, default)
+        served = self.add(folder, reference)
         if old is not None:
             await self._stop(old, keep=set(served.versions))
         return served
@@ -136,7 +195,43 @@ class ModelRegistry:
         served = self.get(name)
         del self._models[name]
         self.metrics.models_loaded.set(len(self.versions()))
+        if served.canary is not None:
+            served.canary.close()
+        if served.drift is not None:
+            served.drift.close()
         await self._stop(served)
+
+    def set_canary(self, name: str, weight: float, version: int | None = None) -> Canary:
+        """An operator sets a model's canary weight (and version); starts one if none."""
+        served = self.get(name)
+        number = version if version is not None else getattr(served.canary, "version", None)
+        if number is None:
+            raise ValueError(f"model {name} has no canary: name a version")
+        if number not in served.versions:
+            raise ModelNotFound(f"model {name} has no version {number}")
+        if number == served.default_version:
+            raise ValueError(f"version {number} is the default version already; name another")
+        if served.canary is None:
+            policy = served.config.canary or CanaryConfig(version=number, weight=0)
+            served.canary = self._canary(name, served.default_version, policy)
+        served.canary.set(weight, number)
+        return served.canary
+
+    def _read(
+        self, name: str, served: dict[int, LoadedModel], default: LoadedModel | None
+    ) -> tuple[ModelFolder, Reference | None]:
+        """Runs in a thread: load the folder, hold it to the gate, read its drift reference."""
+        folder = self.repository.load(name)
+        screen(folder, self.repository.root / name, served, default)
+        return folder, Reference.read(self.repository.root / name)
+
+    def _canary(self, name: str, stable: int, policy: CanaryConfig) -> Canary:
+        def promoted(version: int) -> None:
+            served = self._models.get(name)
+            if served is not None and version in served.versions:
+                served.default_version = version
+
+        return Canary(name, stable, policy, metrics=self.metrics, on_promote=promoted)
 
     async def drain(self, timeout_s: float) -> bool:
         results = await asyncio.gather(*(v.batcher.drain(timeout_s) for v in self.versions()))

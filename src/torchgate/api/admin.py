@@ -1,0 +1,86 @@
+"""The model lifecycle admin API: a model's canary rollout and its input drift.
+
+- `GET /admin/models/{name}/canary`: the rollout's state (version, weight, window stats,
+  stable version, last decision).
+- `POST /admin/models/{name}/canary` `{"weight": 0.5, "version": 2}`: set the weight by
+  hand (0 pauses, 1 promotes; `version` starts or retargets the rollout).
+- `GET /admin/models/{name}/drift`: the drift score now (recomputed), the features that
+  moved most, and the share of each predicted class in the window.
+
+Everything under `/admin` needs a key with the admin scope (the auth middleware checks).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import orjson
+import pydantic
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from torchgate.api.codec import parse_json
+from torchgate.api.deps import Registry, read_body
+from torchgate.errors import BadRequest, ModelNotFound
+
+router = APIRouter(tags=["admin"])
+
+TOP_FEATURES = 5
+
+
+class CanaryUpdate(pydantic.BaseModel):
+    """The body of `POST /admin/models/{name}/canary`."""
+
+    model_config = pydantic.ConfigDict(extra="forbid")
+
+    weight: float = pydantic.Field(ge=0, le=1)
+    version: int | None = pydantic.Field(None, ge=0)
+
+
+def _json(body: object) -> Response:
+    return Response(orjson.dumps(body), media_type="application/json")
+
+
+@router.get("/admin/models/{name}/canary", summary="A model's canary rollout")
+async def canary_state(name: str, registry: Registry) -> Response:
+    served = registry.get(name)
+    if served.canary is None:
+        return _json({"model": name, "status": "none", "stable_version": served.default_version})
+    return _json(served.canary.state())
+
+
+@router.post("/admin/models/{name}/canary", summary="Set a model's canary weight by hand")
+async def set_canary(name: str, request: Request, registry: Registry) -> Response:
+    registry.get(name)
+    try:
+        update = CanaryUpdate.model_validate(parse_json(await read_body(request)))
+    except pydantic.ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "body"
+        raise BadRequest(
+            f'{where}: {first["msg"]} (send {{"weight": 0.5, "version": 2}})'
+        ) from None
+    try:
+        canary = registry.set_canary(name, update.weight, update.version)
+    except ValueError as exc:
+        raise BadRequest(str(exc)) from None
+    return _json(canary.state())
+
+
+@router.get("/admin/models/{name}/drift", summary="A model's input drift score")
+async def drift(name: str, registry: Registry) -> Response:
+    monitor = registry.get(name).drift
+    if monitor is None:
+        raise ModelNotFound(f"model {name} has no drift monitor (no reference.npz beside it)")
+    report = await monitor.refresh()
+    body: dict[str, Any] = {"model": name, "score": None, "rows": 0}
+    if report is not None:
+        body["rows"] = report.rows
+        body["score"] = None if math.isnan(report.score) else round(report.score, 6)
+        order = report.psi.argsort()[::-1][:TOP_FEATURES]
+        body["top_features"] = [
+            {"feature": int(i), "psi": round(float(report.psi[i]), 6)} for i in order
+        ]
+        body["predicted"] = {str(k): round(v, 6) for k, v in report.predicted.items()}
+    return _json(body)

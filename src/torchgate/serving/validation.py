@@ -1,0 +1,234 @@
+"""The accuracy gate: a model version must classify its model's `validation.npz` well
+enough before it is served.
+
+`validation.npz` beside `model.toml` holds `x` (rows shaped like the model's one input;
+for several inputs, one array per input name) and `y` (the true class of each row). A
+version passes when its accuracy is at least `min_accuracy` and no more than `max_drop`
+below the accuracy of the baseline (the version serving by default now). `gate` is the
+one check both `torchgate validate` (in CI) and an admin load through the API (`screen`,
+which drops the versions that fail) run; it is CPU work, so the server calls it in a
+thread, never on the event loop. Start-up does not run it: that is CI's job.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from torchgate.errors import ModelLoadError
+from torchgate.serving.datatypes import NUMPY
+from torchgate.serving.model import LoadedModel
+from torchgate.serving.model_config import ModelConfig, ValidationConfig
+from torchgate.serving.repository import ModelFolder
+
+log = logging.getLogger("torchgate.validation")
+
+FILE = "validation.npz"
+
+
+class ValidationError(Exception):
+    """`validation.npz` cannot be used with this model (missing arrays, wrong shapes)."""
+
+
+@dataclass(slots=True)
+class ValidationSet:
+    """Held-out rows: one array per model input, batch dim first, and their classes."""
+
+    inputs: list[np.ndarray]
+    y: np.ndarray
+
+    @classmethod
+    def read(cls, folder: Path, config: ModelConfig) -> ValidationSet | None:
+        """The model folder's `validation.npz`, or None when it has none."""
+        path = folder / FILE
+        if not path.is_file():
+            return None
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                arrays = dict(data)
+        except (OSError, ValueError) as exc:
+            raise ValidationError(f"{path.name}: not a readable .npz ({exc})") from None
+        single = len(config.inputs) == 1
+        names = ["x"] if single else [spec.name for spec in config.inputs]
+        missing = [n for n in [*names, "y"] if n not in arrays]
+        if missing:
+            raise ValidationError(f"{path.name} has no array {missing[0]!r}")
+        y = arrays["y"].reshape(-1).astype(np.int64)
+        inputs = []
+        for name, spec in zip(names, config.inputs, strict=True):
+            array = arrays[name].astype(NUMPY[spec.datatype], copy=False)
+            if len(array) != len(y) or (config.batched and array.shape[1:] != spec.shape):
+                raise ValidationError(
+                    f"{path.name}: {name!r} has shape {list(array.shape)}, the model takes "
+                    f"[{len(y)}, {', '.join(map(str, spec.shape))}]"
+                )
+            inputs.append(array)
+        return cls(inputs, y)
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+@dataclass(slots=True)
+class Evaluation:
+    """How one version did on the validation set."""
+
+    version: int
+    rows: int
+    accuracy: float
+    recall: dict[str, float]  # class name -> share of its rows classified right
+    ms_per_row: float
+    model_bytes: int
+
+
+@dataclass(slots=True)
+class GateResult:
+    """A version's evaluation, the baseline's, and why it fails (nothing when it passes)."""
+
+    version: int
+    evaluation: Evaluation | None
+    baseline: Evaluation | None = None
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.problems
+
+    @property
+    def summary(self) -> str:
+        if self.passed:
+            return f"version {self.version} passed the accuracy gate"
+        return f"version {self.version} failed the accuracy gate: {'; '.join(self.problems)}"
+
+
+def evaluate(model: LoadedModel, data: ValidationSet) -> Evaluation:
+    """Classify every row (in batches of `max_batch_size`); the top output is the class."""
+    config = model.config
+    step = config.max_batch_size if config.batched else 1
+    predicted = np.empty(len(data), dtype=np.int64)
+    spent = 0.0
+    for start in range(0, len(data), step):
+        chunk = [a[start : start + step] for a in data.inputs]
+        if not config.batched:
+            chunk = [a[0] for a in chunk]
+        began = time.perf_counter()
+        outputs = model.forward(chunk)
+        spent += time.perf_counter() - began
+        scores = outputs[0].reshape(len(chunk[0]) if config.batched else 1, -1)
+        predicted[start : start + step] = scores.argmax(axis=1)
+    right = predicted == data.y
+    names = config.labels
+    recall = {}
+    for cls in np.unique(data.y).tolist():
+        mask = data.y == cls
+        name = names[cls] if names is not None and 0 <= cls < len(names) else str(cls)
+        recall[name] = float(right[mask].mean())
+    return Evaluation(
+        version=model.version,
+        rows=len(data),
+        accuracy=float(right.mean()) if len(data) else 0.0,
+        recall=recall,
+        ms_per_row=spent * 1000 / max(1, len(data)),
+        model_bytes=model.load_bytes,
+    )
+
+
+def gate(
+    candidate: LoadedModel,
+    data: ValidationSet,
+    bounds: ValidationConfig,
+    baseline: LoadedModel | None = None,
+) -> GateResult:
+    """Evaluate `candidate` (and `baseline`, when given) and hold it to `bounds`.
+
+    A candidate whose forward fails on the validation rows fails the gate; a baseline
+    that fails is reported and not compared against."""
+    result = GateResult(candidate.version, None)
+    try:
+        result.evaluation = evaluate(candidate, data)
+    except Exception as exc:  # a broken version: whatever its forward raises
+        result.problems.append(f"forward failed on the validation rows ({_first_line(exc)})")
+        return result
+    accuracy = result.evaluation.accuracy
+    if accuracy < bounds.min_accuracy:
+        result.problems.append(f"accuracy {accuracy:.4f} is under {bounds.min_accuracy}")
+    if baseline is not None:
+        try:
+            result.baseline = evaluate(baseline, data)
+        except Exception as exc:
+            result.problems.append(
+                f"baseline version {baseline.version} failed ({_first_line(exc)})"
+            )
+            return result
+        drop = result.baseline.accuracy - accuracy
+        if drop > bounds.max_drop + 1e-12:
+            result.problems.append(
+                f"accuracy {accuracy:.4f} is {drop:.4f} below version {baseline.version}'s "
+                f"{result.baseline.accuracy:.4f} (max drop {bounds.max_drop})"
+            )
+    return result
+
+
+def baseline_version(config: ModelConfig, versions: list[int], candidate: int) -> int | None:
+    """The version `candidate` is compared against: the default one by `model.toml`; with
+    "latest", the latest other than the candidate (what served before it was added).
+    None when the candidate is the configured default itself or is alone."""
+    if config.default_version != "latest":
+        default = config.default_version
+        return default if default != candidate and default in versions else None
+    others = [v for v in versions if v != candidate]
+    return max(others) if others else None
+
+
+def screen(
+    folder: ModelFolder,
+    directory: Path,
+    served: Mapping[int, LoadedModel],
+    default: LoadedModel | None,
+) -> None:
+    """Hold a freshly loaded folder to the gate before it is served (CPU work: in a thread).
+
+    Only versions that are new or whose file changed against `served` (what is served now)
+    are checked, against `default` (the version serving by default now; when nothing is,
+    the folder's own default). A version that fails is dropped from `folder` with a
+    warning; a `ModelLoadError` says why when none is left or the pinned default failed.
+    Without a `validation.npz` in `directory` nothing is checked."""
+    try:
+        data = ValidationSet.read(directory, folder.config)
+    except ValidationError as exc:
+        raise ModelLoadError(directory / FILE, str(exc)) from None
+    if data is None:
+        return
+    failed: list[GateResult] = []
+    for number, model in sorted(folder.versions.items()):
+        if number in served and served[number].sha256 == model.sha256:
+            continue
+        baseline = default
+        if baseline is None:
+            against = baseline_version(folder.config, list(folder.versions), number)
+            baseline = None if against is None else folder.versions[against]
+        result = gate(model, data, folder.config.validation, baseline)
+        fields: dict[str, object] = {"model": folder.name, "version": number}
+        if result.evaluation is not None:
+            fields["accuracy"] = round(result.evaluation.accuracy, 4)
+        if result.passed:
+            log.info("version passed the accuracy gate", extra=fields)
+        else:
+            log.warning(f"{result.summary}: not serving it", extra=fields)
+            failed.append(result)
+    for result in failed:
+        del folder.versions[result.version]
+    pinned = folder.config.default_version
+    if failed and (not folder.versions or pinned not in (*folder.versions, "latest")):
+        worst = next((r for r in failed if r.version == pinned), failed[0])
+        raise ModelLoadError(directory / str(worst.version), worst.summary)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
