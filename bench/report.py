@@ -92,12 +92,13 @@ def ratios(
 def pair_lines(cells: list[Cell]) -> str:
     """The extra cells side by side: cache on/off, V2 binary/JSON."""
     lines = []
-    for label, mine, theirs in (
-        ("digits cache-on/cache-off rps", "cache-on", "cache-off"),
-        ("mlp_wide V2 binary/JSON rps", "v2-binary", "v2-json"),
+    for model, label, mine, theirs in (
+        ("digits", "digits cache-on/cache-off rps", "cache-on", "cache-off"),
+        ("mlp_wide", "mlp_wide cache-on/cache-off rps", "cache-on", "cache-off"),
+        ("mlp_wide", "mlp_wide V2 binary/JSON rps", "v2-binary", "v2-json"),
     ):
-        a = next((c for c in cells if c.scenario == mine and c.ok), None)
-        b = next((c for c in cells if c.scenario == theirs and c.ok), None)
+        a = next((c for c in cells if c.model == model and c.scenario == mine and c.ok), None)
+        b = next((c for c in cells if c.model == model and c.scenario == theirs and c.ok), None)
         if a is not None and b is not None and b.rps:
             rows = f", {a.rps * a.rows_per_request:,.0f} rows/s" if a.rows_per_request > 1 else ""
             lines.append(f"{label}: {a.rps / b.rps:.2f}x (c={a.concurrency}{rows})")
@@ -166,12 +167,17 @@ def targets(cells: list[Cell]) -> list[Target]:
         gap = tg.p50_ms - naive.p50_ms  # type: ignore[operator]
         detail = f"{tg.p50_ms:.2f} ms vs {naive.p50_ms:.2f} ms ({gap:+.2f} ms)"
         out.append(Target(name, "PASS" if gap <= 1.0 else "FAIL", detail))
-    name = "digits cache: cache-on rps >= 1.5x cache-off"
-    on = next((c for c in cells if c.scenario == "cache-on" and c.ok), None)
-    off = next((c for c in cells if c.scenario == "cache-off" and c.ok), None)
-    if on is None or off is None or not off.rps:
-        out.append(Target(name, "SKIP", "no cache cells"))
-    else:
+    for model in ("digits", "mlp_wide"):
+        name = f"{model} cache: cache-on rps >= 1.5x cache-off"
+        on = next(
+            (c for c in cells if c.model == model and c.scenario == "cache-on" and c.ok), None
+        )
+        off = next(
+            (c for c in cells if c.model == model and c.scenario == "cache-off" and c.ok), None
+        )
+        if on is None or off is None or not off.rps:
+            out.append(Target(name, "SKIP", "no cache cells"))
+            continue
         ratio = on.rps / off.rps  # type: ignore[operator]
         detail = f"{on.rps:,.1f} vs {off.rps:,.1f} ({ratio:.2f}x, need >= 1.5x)"
         out.append(Target(name, "PASS" if ratio >= 1.5 else "FAIL", detail))

@@ -159,7 +159,7 @@ def bench(args: argparse.Namespace) -> int:
                 )
                 cells += new
                 checks += checked
-            if model == "digits" and args.cache_cell:
+            if args.cache_cell:
                 cache_args = [*main_args, "repeat=0.5", f"pool={CACHE_POOL}"]
                 for scenario, env in (
                     ("cache-on", server_env()),

@@ -58,6 +58,7 @@ class InferenceService:
     ) -> None:
         self.registry = registry
         self.metrics = metrics
+        self._class_counters: dict[tuple[str, tuple[str, ...]], list[Any]] = {}
         self._draining = draining
 
     async def infer(
@@ -126,10 +127,17 @@ class InferenceService:
             return
         top, probability = softmax_top(result.outputs[0])
         result.top, result.top_probability = top, probability
-        counter = self.metrics.predictions
+        key = (result.served.name, labels)
+        by_class = self._class_counters.get(key)
+        if by_class is None:  # bound once per model: labels() costs a lock and a lookup
+            counter = self.metrics.predictions
+            by_class = self._class_counters[key] = [counter.labels(key[0], c) for c in labels]
+        if len(top) == 1:
+            by_class[int(top[0])].inc()
+            return
         for index, count in enumerate(np.bincount(top, minlength=len(labels))):
             if count:
-                counter.labels(result.served.name, labels[index]).inc(int(count))
+                by_class[index].inc(int(count))
 
 
 async def _watched(canary: Canary, work: Awaitable[T]) -> T:
