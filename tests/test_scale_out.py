@@ -50,7 +50,6 @@ def doubled(r: list[float]) -> list[float]:
     return [2 * v for v in r]
 
 
-
 @contextmanager
 def replicas(count: int, *args: str, env: dict[str, str]) -> Iterator[list[str]]:
     """`count` server processes started (and later stopped) in parallel; their URLs."""
@@ -128,7 +127,9 @@ def test_replicas_sharing_redis_enforce_one_rate_limit(cluster: Cluster) -> None
 
 def test_a_row_computed_on_one_replica_is_a_hit_on_the_others(cluster: Cluster) -> None:
     def post(url: str, *rows: list[float]) -> httpx.Response:
-        answer = httpx.post(url + "/predict", json={"instances": list(rows)}, headers=cluster.cached)
+        answer = httpx.post(
+            url + "/predict", json={"instances": list(rows)}, headers=cluster.cached
+        )
         assert answer.status_code == 200, answer.text
         assert answer.json()["predictions"] == [doubled(r) for r in rows]
         return answer
@@ -159,14 +160,26 @@ def test_a_row_computed_on_one_replica_is_a_hit_on_the_others(cluster: Cluster) 
 def own_redis() -> Iterator[tuple[subprocess.Popen[bytes], str]]:
     port = free_port()
     redis = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        [
+            "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     try:
         deadline = time.monotonic() + 10
         while not redis_up(port):
-            assert redis.poll() is None and time.monotonic() < deadline, "redis-server did not start"
+            assert redis.poll() is None and time.monotonic() < deadline, (
+                "redis-server did not start"
+            )
             time.sleep(0.05)
         yield redis, f"redis://127.0.0.1:{port}/0"
     finally:

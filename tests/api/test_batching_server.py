@@ -44,7 +44,9 @@ def doubler_server(tmp_path: Path, make_settings):
     return start
 
 
-def test_64_concurrent_single_rows_are_batched_and_each_gets_its_own_answer(tmp_path, make_settings):
+def test_64_concurrent_single_rows_are_batched_and_each_gets_its_own_answer(
+    tmp_path, make_settings
+):
     from tests.support import copy_digits
 
     copy_digits(tmp_path)
@@ -64,7 +66,10 @@ def test_64_concurrent_single_rows_are_batched_and_each_gets_its_own_answer(tmp_
     rows = metric(text, "torchgate_batch_size_sum", model="digits", version="1")
     assert rows == 3 * 64
     assert forwards < rows  # some forwards carried more than one row
-    assert metric(text, "torchgate_batch_size_bucket", model="digits", version="1", le="1.0") < forwards
+    assert (
+        metric(text, "torchgate_batch_size_bucket", model="digits", version="1", le="1.0")
+        < forwards
+    )
 
 
 def test_flood_beyond_the_queue_gets_503_with_retry_after_and_nothing_else(doubler_server):
@@ -72,8 +77,9 @@ def test_flood_beyond_the_queue_gets_503_with_retry_after_and_nothing_else(doubl
         bodies = [{"instances": [slow_row(30)]}] + [{"instances": [row(i)]} for i in range(80)]
 
         async def flood() -> list[httpx.Response]:
-            async with httpx.AsyncClient(base_url=server.url, timeout=60,
-                                         limits=httpx.Limits(max_connections=100)) as client:
+            async with httpx.AsyncClient(
+                base_url=server.url, timeout=60, limits=httpx.Limits(max_connections=100)
+            ) as client:
                 first = asyncio.create_task(client.post("/predict", json=bodies[0]))
                 await asyncio.sleep(0.1)
                 rest = await asyncio.gather(*(client.post("/predict", json=b) for b in bodies[1:]))
@@ -92,7 +98,9 @@ def test_flood_beyond_the_queue_gets_503_with_retry_after_and_nothing_else(doubl
         after = httpx.post(server.url + "/predict", json={"instances": [row(3)]})
         assert after.status_code == 200
         text = httpx.get(server.url + "/metrics").text
-        assert metric(text, "torchgate_shed_total", model="doubler", reason="queue_full") == len(shed)
+        assert metric(text, "torchgate_shed_total", model="doubler", reason="queue_full") == len(
+            shed
+        )
 
 
 def test_queued_request_past_its_deadline_gets_504(doubler_server):
@@ -100,7 +108,9 @@ def test_queued_request_past_its_deadline_gets_504(doubler_server):
 
         async def go() -> list[httpx.Response]:
             async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
-                first = asyncio.create_task(client.post("/predict", json={"instances": [slow_row(10)]}))
+                first = asyncio.create_task(
+                    client.post("/predict", json={"instances": [slow_row(10)]})
+                )
                 await asyncio.sleep(0.1)
                 late = await client.post("/predict", json={"instances": [row(1)]})
                 return [await first, late]
@@ -117,7 +127,9 @@ def test_a_poisoned_row_fails_alone_while_its_batch_neighbours_succeed(doubler_s
 
         async def go() -> list[httpx.Response]:
             async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
-                first = asyncio.create_task(client.post("/predict", json={"instances": [slow_row(10)]}))
+                first = asyncio.create_task(
+                    client.post("/predict", json={"instances": [slow_row(10)]})
+                )
                 await asyncio.sleep(0.1)
                 bodies = [{"instances": [row(i)]} for i in range(10)]
                 bodies[4] = {"instances": [[666.0, 0, 0, 0]]}
@@ -142,12 +154,15 @@ def test_client_that_disconnects_before_its_batch_runs_is_not_computed(doubler_s
 
         async def go() -> httpx.Response:
             async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
-                first = asyncio.create_task(client.post("/predict", json={"instances": [slow_row(8)]}))
+                first = asyncio.create_task(
+                    client.post("/predict", json={"instances": [slow_row(8)]})
+                )
                 await asyncio.sleep(0.1)
                 sock = socket.create_connection(("127.0.0.1", server.port))
                 sock.sendall(
                     b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                    + f"Content-Length: {len(body)}\r\n\r\n".encode() + body
+                    + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                    + body
                 )
                 await asyncio.sleep(0.1)
                 sock.close()

@@ -160,7 +160,12 @@ def test_client_errors_and_shed_load_never_open_the_circuit(two_models, tmp_path
         for _ in range(2):
             for body in bad:
                 assert client.post(FLAKY, json=body).status_code == 400
-        assert client.post(FLAKY, content=b"{", headers={"content-type": "application/json"}).status_code == 400
+        assert (
+            client.post(
+                FLAKY, content=b"{", headers={"content-type": "application/json"}
+            ).status_code
+            == 400
+        )
 
         shed = asyncio.run(_shed_five(server.url))
         assert [a.status_code for a in shed] == [503] * 5
@@ -201,7 +206,9 @@ async def _until(client: httpx.AsyncClient, name: str, value: float) -> None:
         await asyncio.sleep(0.01)
 
 
-def test_a_poisoned_input_among_healthy_neighbours_does_not_open_the_circuit(tmp_path, make_settings):
+def test_a_poisoned_input_among_healthy_neighbours_does_not_open_the_circuit(
+    tmp_path, make_settings
+):
     write_model(tmp_path, "flaky", Doubler(), doubler_toml())
     settings = make_settings(models=tmp_path, breaker_failures=2, cache_ttl_s=0)
     with ServerThread(settings) as server:

@@ -184,7 +184,9 @@ def test_v1_and_v2_share_one_cache(client: httpx.Client) -> None:
     assert answer.headers["x-cache"] == "PARTIAL"
     output = answer.json()["outputs"][0]
     assert output["shape"] == [2, 4]
-    np.testing.assert_array_equal(np.reshape(output["data"], (2, 4)), 2 * np.array([row(2), row(1)]))
+    np.testing.assert_array_equal(
+        np.reshape(output["data"], (2, 4)), 2 * np.array([row(2), row(1)])
+    )
     answer = client.post("/v1/models/doubler/versions/1:predict", json=v1(row(2)))
     assert answer.headers["x-cache"] == "HIT"
     assert answer.json()["predictions"] == [[2 * v for v in row(2)]]

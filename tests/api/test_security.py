@@ -251,7 +251,6 @@ def test_keys_new_prints_a_key_once_and_its_entry(tmp_path):
 # shared limits in Redis ----------------------------------------------------------------------
 
 
-
 def test_two_servers_sharing_redis_enforce_one_limit(tmp_path):
     assert redis_up(6379), "the tests need Redis on 127.0.0.1:6379 (.ci/run starts it)"
     key = f"tg_shared_{uuid.uuid4().hex}"

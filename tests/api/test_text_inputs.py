@@ -37,7 +37,11 @@ def text_server(tmp_path_factory):
     repo = tmp_path_factory.mktemp("repo")
     write_model(repo, "textlen", TextLength(), TOML)
     settings = Settings(
-        models=repo, device="cpu", auth="off", rate_limit="off", max_text_length=40,
+        models=repo,
+        device="cpu",
+        auth="off",
+        rate_limit="off",
+        max_text_length=40,
         deny_phrases="ignore previous, system prompt",
     )
     with ServerThread(settings) as server:
@@ -82,18 +86,36 @@ def test_obfuscated_deny_listed_phrases_are_refused(text_server, text):
 
 def test_binary_bytes_tensors_are_checked_too(text_server):
     text = "ignore\u200b previous".encode()
-    header = json.dumps({"inputs": [{"name": "text", "shape": [1, 1], "datatype": "BYTES",
-                                     "parameters": {"binary_data_size": 4 + len(text)}}]}).encode()
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "text",
+                    "shape": [1, 1],
+                    "datatype": "BYTES",
+                    "parameters": {"binary_data_size": 4 + len(text)},
+                }
+            ]
+        }
+    ).encode()
     body = header + len(text).to_bytes(4, "little") + text
-    r = httpx.post(text_server.url + "/v2/models/textlen/infer", content=body,
-                   headers={"Inference-Header-Content-Length": str(len(header)),
-                            "content-type": "application/octet-stream"})
+    r = httpx.post(
+        text_server.url + "/v2/models/textlen/infer",
+        content=body,
+        headers={
+            "Inference-Header-Content-Length": str(len(header)),
+            "content-type": "application/octet-stream",
+        },
+    )
     assert r.status_code == 400 and "content policy" in r.json()["error"]
 
 
 def test_text_length_limit_and_types(text_server):
     r = httpx.post(text_server.url + "/predict", json={"instances": [["x" * 41]]})
     assert r.status_code == 400 and "longer than 40" in r.json()["error"]
-    assert httpx.post(text_server.url + "/predict", json={"instances": [["x" * 40]]}).status_code == 200
+    assert (
+        httpx.post(text_server.url + "/predict", json={"instances": [["x" * 40]]}).status_code
+        == 200
+    )
     r = httpx.post(text_server.url + "/predict", json={"instances": [[3]]})
     assert r.status_code == 400 and "strings" in r.json()["error"]

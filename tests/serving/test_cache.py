@@ -548,7 +548,6 @@ def test_an_inference_failure_is_not_cached(doubler) -> None:
 # the Redis tier -------------------------------------------------------------------------------
 
 
-
 @pytest.fixture
 def salted(tmp_path: Path) -> LoadedModel:
     assert redis_up(6379), "the tests need Redis on 127.0.0.1:6379 (.ci/run starts it)"
