@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import gc
 import inspect
 import logging
 import os
@@ -14,7 +13,7 @@ import torch
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
-from torchgate import __version__
+from torchgate import __version__, memory
 from torchgate.api import admin, dashboard, errors, health, v1, v2
 from torchgate.api.textguard import TextPolicy
 from torchgate.config import Settings
@@ -42,11 +41,6 @@ _NO_NATIVE_TELEMETRY: dict[str, object] = (
     if "telemetry" in inspect.signature(FastAPI.__init__).parameters
     else {}
 )
-
-
-# gen0 every 50,000 net allocations (Python's default is 700), gen1 every 20 of those,
-# gen2 every 100 gen1: cyclic garbage is still collected, a few MB at most in between
-GC_THRESHOLDS = (50_000, 20, 100)
 
 
 def torch_threads(settings: Settings) -> int:
@@ -96,14 +90,7 @@ def create_app(settings: Settings, *, models: dict[str, ModelFolder] | None = No
         app.state.sampler = sampler
         drift_scorer = DriftScorer(registry.drift_monitors)
         drift_scorer.start()
-        # Everything allocated so far (torch, the models, the app) lives as long as the
-        # process: move it out of the collector's reach, or each full collection walks it
-        # all and stalls the loop; and collect the young generation less often, since
-        # every request allocates a few hundred objects. Measured with wrk on digits: c64
-        # 1,800 -> 4,100 requests/s; mlp_wide p99 at c1 44 -> 4.5 ms.
-        gc.collect()
-        gc.freeze()
-        gc.set_threshold(*GC_THRESHOLDS)
+        memory.settle()  # see memory.py: freeze start-up objects out of the collector
         app.state.ready = True
         if not auth_on:
             log.warning("authentication is OFF: anyone who can reach this port can use it")

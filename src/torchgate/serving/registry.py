@@ -14,6 +14,7 @@ import functools
 import logging
 from dataclasses import dataclass
 
+from torchgate import memory
 from torchgate.config import Settings
 from torchgate.errors import ModelNotFound
 from torchgate.metrics import Metrics
@@ -189,6 +190,8 @@ class ModelRegistry:
         served = self.add(folder, reference)
         if old is not None:
             await self._stop(old, keep=set(served.versions))
+            del old, current, default  # the replaced versions' last references
+            memory.release()
         return served
 
     async def unload(self, name: str) -> None:
@@ -200,6 +203,8 @@ class ModelRegistry:
         if served.drift is not None:
             served.drift.close()
         await self._stop(served)
+        del served
+        memory.release()
 
     def set_canary(self, name: str, weight: float, version: int | None = None) -> Canary:
         """An operator sets a model's canary weight (and version); starts one if none."""
