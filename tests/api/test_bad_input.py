@@ -78,3 +78,19 @@ def test_unknown_model_names_never_become_metric_labels(digits_server):
     text = httpx.get(digits_server.url + "/metrics").text
     assert "evil" not in text
     assert 'ai_requests_total{model="_unknown",status="404"} 5.0' in text
+
+
+def test_a_client_leaving_mid_body_is_not_logged_as_a_server_error(digits_server, caplog):
+    import socket
+    import time
+
+    sock = socket.create_connection(("127.0.0.1", digits_server.port))
+    sock.sendall(
+        b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b'Content-Length: 1000\r\n\r\n{"instances":'
+    )
+    time.sleep(0.2)
+    sock.close()
+    time.sleep(0.3)
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
+    assert httpx.post(digits_server.url + "/predict", json=GOOD).status_code == 200

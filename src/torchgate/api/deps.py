@@ -12,7 +12,6 @@ from fastapi import Depends, Request
 from torchgate.errors import UnsupportedMediaType
 from torchgate.metrics import Metrics
 from torchgate.serving.registry import ModelRegistry
-from torchgate.serving.service import InferenceService
 
 JSON_TYPES = ("application/json",)
 # V2 infer bodies: JSON, or JSON plus binary tensors. tritonclient.http sends no content type
@@ -24,16 +23,11 @@ async def _registry(request: Request) -> ModelRegistry:
     return request.app.state.registry
 
 
-async def _service(request: Request) -> InferenceService:
-    return request.app.state.service
-
-
 async def _metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
 
 Registry = Annotated[ModelRegistry, Depends(_registry)]
-Service = Annotated[InferenceService, Depends(_service)]
 MetricsDep = Annotated[Metrics, Depends(_metrics)]
 
 
