@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry
 
 from torchgate import __version__, memory
 from torchgate.api import admin, dashboard, errors, health, v1, v2
+from torchgate.api.hot import HotRoutes, add_fallback_routes
 from torchgate.api.textguard import TextPolicy
 from torchgate.config import Settings
 from torchgate.dashboard import Sampler
@@ -134,16 +135,17 @@ def create_app(settings: Settings, *, models: dict[str, ModelFolder] | None = No
         max_length=settings.max_text_length, deny_phrases=settings.deny_list()
     )
     errors.install(app)
-    # the hot routes first: the router tries routes in order
-    v1.add_inference_routes(app)
-    v2.add_inference_routes(app)
+    hot_routes = [*v1.ROUTES, *v2.ROUTES]
+    add_fallback_routes(app, hot_routes)
     app.include_router(health.router)
     app.include_router(dashboard.router)
     app.include_router(v1.router)
     app.include_router(v2.router)
     app.include_router(admin.router)
     # add_middleware wraps: the last added is the outermost. Outermost first: request
-    # context, metrics, auth, rate limit, body limits (DESIGN.md).
+    # context, metrics, auth, rate limit, body limits (DESIGN.md), then the inference
+    # routes themselves, ahead of FastAPI's router.
+    app.add_middleware(HotRoutes, routes=hot_routes)
     app.add_middleware(
         BodyLimitMiddleware,
         max_bytes=settings.max_body_bytes,

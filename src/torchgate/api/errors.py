@@ -21,11 +21,24 @@ def error_response(status: int, message: str, headers: dict[str, str] | None = N
     return Response(body, status_code=status, media_type="application/json", headers=headers)
 
 
+def render(request: Request, exc: Exception) -> Response:
+    """The answer to a failure of the request path (also used outside FastAPI's handlers)."""
+    if isinstance(exc, TorchgateError):
+        request.state.error = exc.message
+        return error_response(exc.status_code, exc.message, exc.headers)
+    if isinstance(exc, ClientDisconnect):
+        # the client left while its body was being read: nothing to answer, nothing broken
+        request.state.error = "client disconnected"
+        return error_response(499, "client closed the request")
+    log.error("unhandled error", exc_info=exc, extra={"path": request.url.path})
+    request.state.error = "internal"
+    return error_response(500, "internal server error")
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(TorchgateError)
     async def _known(request: Request, exc: TorchgateError) -> Response:
-        request.state.error = exc.message
-        return error_response(exc.status_code, exc.message, exc.headers)
+        return render(request, exc)
 
     @app.exception_handler(HTTPException)
     async def _http(request: Request, exc: HTTPException) -> Response:
@@ -40,12 +53,8 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(ClientDisconnect)
     async def _gone(request: Request, exc: ClientDisconnect) -> Response:
-        # the client left while its body was being read: nothing to answer, nothing broken
-        request.state.error = "client disconnected"
-        return error_response(499, "client closed the request")
+        return render(request, exc)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> Response:
-        log.exception("unhandled error", extra={"path": request.url.path})
-        request.state.error = "internal"
-        return error_response(500, "internal server error")
+        return render(request, exc)

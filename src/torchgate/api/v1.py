@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 import orjson
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from torchgate.api import inference
@@ -91,27 +91,12 @@ async def _predict(request: Request, name: str | None, version: str | None) -> R
     )
 
 
-async def predict(request: Request) -> Response:
-    """POST /predict: the default model."""
-    return await _predict(request, None, None)
-
-
-async def predict_model(request: Request) -> Response:
-    """POST /v1/models/{name}:predict: a model's default version."""
-    return await _predict(request, request.path_params["name"], None)
-
-
-async def predict_version(request: Request) -> Response:
-    """POST /v1/models/{name}/versions/{version}:predict: one version."""
-    params = request.path_params
-    return await _predict(request, params["name"], params["version"])
-
-
-def add_inference_routes(app: FastAPI) -> None:
-    """The hot routes, as plain Starlette routes (see `api.inference`)."""
-    inference.add_route(app, "/predict", predict)
-    inference.add_route(app, "/v1/models/{name}:predict", predict_model)
-    inference.add_route(app, "/v1/models/{name}/versions/{version}:predict", predict_version)
+# the hot routes (served by `api.hot.HotRoutes`), each with its handler
+ROUTES = [
+    ("/predict", _predict),
+    ("/v1/models/{name}:predict", _predict),
+    ("/v1/models/{name}/versions/{version}:predict", _predict),
+]
 
 
 @router.get("/v1/models/{name}", summary="Status of a model's versions")

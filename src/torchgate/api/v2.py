@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 import orjson
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from torchgate import __version__
@@ -294,7 +294,7 @@ async def version_ready(name: str, version: str, registry: Registry) -> Response
     return await _model_ready(registry, name, version)
 
 
-async def _infer(request: Request, name: str, version: str | None) -> Response:
+async def _infer(request: Request, name: str | None, version: str | None) -> Response:
     body = await read_body(request, V2_TYPES)
     served = inference.resolve(request, name, version)
     header, data = binary.split(body, request.headers.get(binary.HEADER_LENGTH))
@@ -308,18 +308,8 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
     return Response(content, media_type="application/octet-stream", headers=headers)
 
 
-async def infer(request: Request) -> Response:
-    """POST /v2/models/{name}/infer: a model's default version."""
-    return await _infer(request, request.path_params["name"], None)
-
-
-async def infer_version(request: Request) -> Response:
-    """POST /v2/models/{name}/versions/{version}/infer: one version."""
-    params = request.path_params
-    return await _infer(request, params["name"], params["version"])
-
-
-def add_inference_routes(app: FastAPI) -> None:
-    """The hot routes, as plain Starlette routes (see `api.inference`)."""
-    inference.add_route(app, "/v2/models/{name}/infer", infer)
-    inference.add_route(app, "/v2/models/{name}/versions/{version}/infer", infer_version)
+# the hot routes (served by `api.hot.HotRoutes`), each with its handler
+ROUTES = [
+    ("/v2/models/{name}/infer", _infer),
+    ("/v2/models/{name}/versions/{version}/infer", _infer),
+]

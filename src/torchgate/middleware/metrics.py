@@ -42,8 +42,8 @@ class MetricsMiddleware:
         finally:
             m.inflight.dec()
             template = (
-                getattr(scope.get("route"), "path", None)
-                or getattr(scope.get("endpoint"), "route_template", None)
+                scope.get("route_template")  # set by api.hot for the inference routes
+                or getattr(scope.get("route"), "path", None)
                 or "unmatched"
             )
             code = str(status)
