@@ -10,8 +10,6 @@ what the sampler already computed.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import math
 import time
@@ -23,6 +21,7 @@ from dataclasses import dataclass
 from prometheus_client.metrics import MetricWrapperBase
 
 from torchgate.metrics import Metrics
+from torchgate.periodic import Periodic
 from torchgate.serving.breaker import BreakerState
 
 log = logging.getLogger("torchgate.dashboard")
@@ -148,7 +147,7 @@ class Sampler:
         self.now: Sample | None = None  # over the last `now_window` intervals
         self._readings: deque[_Reading] = deque(maxlen=now_window + 1)
         self._started = clock()
-        self._task: asyncio.Task[None] | None = None
+        self._periodic = Periodic("dashboard-sampler", interval_s, self._step)
         m = metrics
         self._counters = {
             "requests": m.requests,
@@ -243,22 +242,13 @@ class Sampler:
     def start(self) -> None:
         """Sample every `interval_s` on the running loop until `aclose()`."""
         self.sample()
-        self._task = asyncio.create_task(self._run(), name="dashboard-sampler")
+        self._periodic.start()
 
     async def aclose(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self._periodic.aclose()
 
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval_s)
-            try:
-                self.sample()
-            except Exception:  # a bad reading must not end the dashboard's history
-                log.exception("dashboard sample failed")
+    async def _step(self) -> None:
+        self.sample()
 
 
 def _only(values: Values, suffix: str) -> list[tuple[Series, float]]:

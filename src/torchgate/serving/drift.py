@@ -23,7 +23,6 @@ too few rows to tell.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 from collections.abc import Callable
@@ -33,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from torchgate.metrics import Metrics
+from torchgate.periodic import Periodic
 from torchgate.serving.repository import ModelFolder
 
 log = logging.getLogger("torchgate.drift")
@@ -225,24 +225,17 @@ class DriftScorer:
         self, monitors: Callable[[], list[DriftMonitor]], *, interval_s: float = 5.0
     ) -> None:
         self.monitors = monitors
-        self.interval_s = interval_s
-        self._task: asyncio.Task[None] | None = None
+        self._periodic = Periodic("drift-scorer", interval_s, self._step)
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="drift-scorer")
+        self._periodic.start()
 
     async def aclose(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self._periodic.aclose()
 
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval_s)
-            for monitor in self.monitors():
-                try:
-                    await monitor.refresh()
-                except Exception:  # one model's bad rows must not stop the others' scores
-                    log.exception("drift score failed", extra={"model": monitor.model})
+    async def _step(self) -> None:
+        for monitor in self.monitors():
+            try:
+                await monitor.refresh()
+            except Exception:  # one model's bad rows must not stop the others' scores
+                log.exception("drift score failed", extra={"model": monitor.model})
