@@ -199,3 +199,36 @@ def copy_digits(repo: Path) -> Path:
     target = repo / "digits"
     shutil.copytree(MODELS / "digits", target)
     return target
+
+
+@contextmanager
+def own_redis() -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """A redis-server of the test's own on a free port (so it can be stopped mid-test)."""
+    port = free_port()
+    redis = subprocess.Popen(
+        [
+            "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while not redis_up(port):
+            assert redis.poll() is None and time.monotonic() < deadline, (
+                "redis-server did not start"
+            )
+            time.sleep(0.05)
+        yield redis, f"redis://127.0.0.1:{port}/0"
+    finally:
+        if redis.poll() is None:
+            redis.terminate()
+            redis.wait(timeout=10)

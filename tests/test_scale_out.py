@@ -4,7 +4,6 @@ share cached rows; with Redis gone, each replica keeps serving from its own cach
 from __future__ import annotations
 
 import os
-import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -20,8 +19,8 @@ from tests.support import (
     Doubler,
     ServerThread,
     doubler_toml,
-    free_port,
     metric,
+    own_redis,
     redis_up,
     server_process,
     write_model,
@@ -154,38 +153,6 @@ def test_a_row_computed_on_one_replica_is_a_hit_on_the_others(cluster: Cluster) 
         text = cluster.metrics(url)
         assert metric(text, "torchgate_cache_backend_errors_total") == 0
         assert metric(text, "torchgate_cache_requests_total", model="doubler", result="hit") >= 2
-
-
-@contextmanager
-def own_redis() -> Iterator[tuple[subprocess.Popen[bytes], str]]:
-    port = free_port()
-    redis = subprocess.Popen(
-        [
-            "redis-server",
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 10
-        while not redis_up(port):
-            assert redis.poll() is None and time.monotonic() < deadline, (
-                "redis-server did not start"
-            )
-            time.sleep(0.05)
-        yield redis, f"redis://127.0.0.1:{port}/0"
-    finally:
-        if redis.poll() is None:
-            redis.terminate()
-            redis.wait(timeout=10)
 
 
 def test_with_redis_gone_each_replica_serves_from_its_own_cache(

@@ -7,7 +7,6 @@ import asyncio
 import logging
 import select
 import socket
-import subprocess
 import time
 import uuid
 from pathlib import Path
@@ -15,7 +14,15 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support import MODELS, ServerThread, free_port, metric, redis_up, run_cli, server_process
+from tests.support import (
+    MODELS,
+    ServerThread,
+    metric,
+    own_redis,
+    redis_up,
+    run_cli,
+    server_process,
+)
 from torchgate.keys import key_file_entry
 
 ROW = [[[0.0] * 8 for _ in range(8)]]
@@ -271,28 +278,8 @@ def test_two_servers_sharing_redis_enforce_one_limit(tmp_path):
 
 
 def test_redis_going_away_fails_open_and_counts_errors(tmp_path, make_settings):
-    port = free_port()
-    redis = subprocess.Popen(
-        [
-            "redis-server",
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        for _ in range(100):
-            if redis_up(port):
-                break
-            time.sleep(0.05)
-        settings = make_settings(rate_limit="1000/minute", redis_url=f"redis://127.0.0.1:{port}/0")
+    with own_redis() as (redis, url):
+        settings = make_settings(rate_limit="1000/minute", redis_url=url)
         with ServerThread(settings) as server, httpx.Client(base_url=server.url) as client:
             assert client.post("/predict", json=GOOD).status_code == 200
             assert "torchgate_ratelimit_backend_errors_total 0.0" in client.get("/metrics").text
@@ -305,7 +292,3 @@ def test_redis_going_away_fails_open_and_counts_errors(tmp_path, make_settings):
             assert codes == {200}
             text = client.get("/metrics").text
             assert metric(text, "torchgate_ratelimit_backend_errors_total") >= 2
-    finally:
-        if redis.poll() is None:
-            redis.kill()
-            redis.wait()
