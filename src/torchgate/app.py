@@ -6,6 +6,7 @@ import asyncio
 import inspect
 import logging
 import os
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -67,6 +68,11 @@ def create_app(settings: Settings, *, models: dict[str, ModelFolder] | None = No
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         torch.set_num_threads(torch_threads(settings))
+        # A runner thread back from a forward (run with the GIL released) waits for the
+        # event loop to hand the GIL over, up to one switch interval (Python's default is
+        # 5 ms) each time; under load that halved mlp_wide's forward rate. See README.
+        switch_interval = sys.getswitchinterval()
+        sys.setswitchinterval(settings.gil_switch_ms / 1000)
         repository = ModelRepository(settings.models, settings.device)
         cache = InferenceCache(
             metrics, redis_url=settings.redis_url, ttl_override_s=settings.cache_ttl_s
@@ -115,6 +121,7 @@ def create_app(settings: Settings, *, models: dict[str, ModelFolder] | None = No
             await cache.aclose()
             if limiter is not None:
                 await limiter.aclose()
+            sys.setswitchinterval(switch_interval)
             log.info("stopped", extra={"drained": drained})
 
     app = FastAPI(

@@ -25,6 +25,9 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     torch_threads: int = Field(0, ge=0, description="intra-op threads on CPU; 0 = from cores")
+    gil_switch_ms: float = Field(
+        0.25, gt=0, le=100, description="the interpreter's thread switch interval (GIL)"
+    )
 
     # batching, overriding every model's [batching] when set
     max_delay_ms: float | None = Field(None, ge=0)

@@ -109,7 +109,7 @@ def test_queued_request_past_its_deadline_gets_504(doubler_server):
         async def go() -> list[httpx.Response]:
             async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
                 first = asyncio.create_task(
-                    client.post("/predict", json={"instances": [slow_row(10)]})
+                    client.post("/predict", json={"instances": [slow_row(20)]})
                 )
                 await asyncio.sleep(0.1)
                 late = await client.post("/predict", json={"instances": [row(1)]})
@@ -155,7 +155,7 @@ def test_client_that_disconnects_before_its_batch_runs_is_not_computed(doubler_s
         async def go() -> httpx.Response:
             async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
                 first = asyncio.create_task(
-                    client.post("/predict", json={"instances": [slow_row(8)]})
+                    client.post("/predict", json={"instances": [slow_row(20)]})
                 )
                 await asyncio.sleep(0.1)
                 sock = socket.create_connection(("127.0.0.1", server.port))

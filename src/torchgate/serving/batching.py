@@ -31,17 +31,21 @@ from torchgate.errors import DeadlineExceeded, Draining, InferenceFailed, QueueF
 from torchgate.metrics import BatcherMetrics
 from torchgate.serving.model import LoadedModel
 from torchgate.serving.runner import Runner
+from torchgate.serving.scores import top_classes
 
 log = logging.getLogger("torchgate.batching")
 
 
 @dataclass(slots=True)
 class BatchResult:
-    """One request's share of a forward: its outputs and where its time went."""
+    """One request's share of a forward: its outputs, where its time went, and for a
+    model with labels each row's top class and its probability."""
 
     outputs: list[np.ndarray]
     queue_s: float
     compute_s: float
+    top: np.ndarray | None = None
+    top_probability: np.ndarray | None = None
 
 
 @dataclass(slots=True, eq=False)
@@ -69,6 +73,8 @@ class _Outcome:
     error: BaseException | None = None
     compute_s: float = 0.0
     isolated: bool = False  # failed alone while requests of its batch succeeded
+    top: np.ndarray | None = None
+    top_probability: np.ndarray | None = None
 
 
 @dataclass
@@ -88,6 +94,7 @@ class Batcher:
 
     def __post_init__(self) -> None:
         self._batched = self.model.config.batched
+        self._scored = self._batched and self.model.config.labels is not None
         self._max_rows = self.options.max_batch_size if self._batched else 1
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
@@ -269,7 +276,13 @@ class Batcher:
                 else:
                     assert outcome.outputs is not None
                     pending.future.set_result(
-                        BatchResult(outcome.outputs, started - pending.enqueued, outcome.compute_s)
+                        BatchResult(
+                            outcome.outputs,
+                            started - pending.enqueued,
+                            outcome.compute_s,
+                            outcome.top,
+                            outcome.top_probability,
+                        )
                     )
             self._busy -= 1
             self._maybe_idle()
@@ -305,13 +318,16 @@ class Batcher:
         self.metrics.batch_size.observe(rows)
         if not self._batched:  # one request per forward, outputs without a batch dim
             return [_Outcome(outputs, compute_s=compute_s)]
+        top, probability = top_classes(outputs[0]) if self._scored else (None, None)
         results: list[_Outcome] = []
         offset = 0
         for p in batch:
-            results.append(
-                _Outcome([o[offset : offset + p.rows] for o in outputs], compute_s=compute_s)
-            )
-            offset += p.rows
+            end = offset + p.rows
+            outcome = _Outcome([o[offset:end] for o in outputs], compute_s=compute_s)
+            if top is not None and probability is not None:
+                outcome.top, outcome.top_probability = top[offset:end], probability[offset:end]
+            results.append(outcome)
+            offset = end
         return results
 
     def _compute_one(self, pending: _Pending, instance: int) -> _Outcome:
@@ -324,7 +340,10 @@ class Batcher:
         compute_s = self.clock() - started
         self.metrics.compute.observe(compute_s)
         self.metrics.batch_size.observe(pending.rows)
-        return _Outcome(outputs, compute_s=compute_s)
+        outcome = _Outcome(outputs, compute_s=compute_s)
+        if self._scored:
+            outcome.top, outcome.top_probability = top_classes(outputs[0])
+        return outcome
 
     def _forward(self, inputs: list[np.ndarray], rows: int, instance: int) -> list[np.ndarray]:
         outputs = self.model.forward(inputs, instance)

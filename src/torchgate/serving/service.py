@@ -9,7 +9,6 @@ Once it is answered, a canary's outcome is recorded and the rows go to the drift
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from torchgate.metrics import Metrics
 from torchgate.serving.cache import CachePolicy
 from torchgate.serving.canary import Canary
 from torchgate.serving.registry import ModelRegistry, ServedVersion
+from torchgate.serving.scores import top_classes
 
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 T = TypeVar("T")
@@ -110,6 +110,7 @@ class InferenceService:
                 raise
             breaker.success()
             answer.queue_s, answer.compute_s = result.queue_s, result.compute_s
+            answer.top, answer.top_probability = result.top, result.top_probability
             return result.outputs
 
         policy = CachePolicy.from_header(cache_control)
@@ -125,8 +126,10 @@ class InferenceService:
         labels = result.served.config.labels
         if labels is None or not result.served.config.batched:
             return
-        top, probability = softmax_top(result.outputs[0])
-        result.top, result.top_probability = top, probability
+        if result.top is None or result.cache not in (None, "MISS"):
+            # rows from the cache: the batcher scored only those it computed, if any
+            result.top, result.top_probability = top_classes(result.outputs[0])
+        top = result.top
         key = (result.served.name, labels)
         by_class = self._class_counters.get(key)
         if by_class is None:  # bound once per model: labels() costs a lock and a lookup
@@ -173,22 +176,3 @@ async def _unless_disconnected(future: asyncio.Future[T], receive: Receive) -> T
         raise
     finally:
         watcher.cancel()
-
-
-def softmax_top(outputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Each row's top class and its probability. Outputs that already look like
-    probabilities (non-negative, rows summing to 1) are kept; logits are soft-maxed."""
-    scores = outputs.reshape(outputs.shape[0], -1)
-    if scores.shape[0] == 1:  # the common single-row request: plain Python is cheaper
-        row = scores[0].tolist()
-        best = max(row)
-        top = row.index(best)
-        if min(row) >= 0 and abs(sum(row) - 1) < 1e-3:
-            return np.array([top]), np.array([best])
-        return np.array([top]), np.array([1.0 / sum(math.exp(v - best) for v in row)])
-    top = scores.argmax(axis=1)
-    best = scores[np.arange(len(top)), top].astype(np.float64)
-    if scores.min() >= 0 and np.abs(scores.sum(axis=1) - 1).max() < 1e-3:
-        return top, best
-    # softmax of the top entry alone: 1 / sum(exp(x - max))
-    return top, 1.0 / np.exp(scores - best[:, None]).sum(axis=1)
