@@ -1,5 +1,6 @@
 """The cells of `bench/run.py` (owns measuring one server): start it, check its answer,
-warm it up, drive it with wrk at each concurrency, and turn what wrk saw into `Cell`s.
+warm it up, drive it with wrk at each concurrency, and turn what wrk saw into `Cell`s; and
+the cache cell, cache on against cache off, in alternating rounds on fresh servers.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from load import V2_ROWS, Cell, Workload, fill, run_wrk, v2_bodies
-from report import Target
+from report import Target, merge_rounds
 from servers import (
     BENCH_KEY,
     Server,
@@ -35,6 +36,7 @@ class Plan:
     in_process_s: float
     concurrency: list[int]
     cache_concurrency: int
+    cache_rounds: int
     v2_concurrency: int
     log_level: str
     work_dir: Path
@@ -80,8 +82,10 @@ def measure(
     concurrency: list[int],
     env: dict[str, str],
     lua_args: list[str],
+    round_no: int | None = None,
 ) -> tuple[list[Cell], list[Target]]:
-    """Start one server, check its answer, warm it up and run every concurrency on it."""
+    """Start one server, check its answer, warm it up and run every concurrency on it.
+    `round_no` marks the cells (and names the log) of one round of a cell measured in rounds."""
     port = free_port()
     if server == "torchgate":
         command = torchgate_command(repository, port, plan.threads, plan.log_level)
@@ -91,9 +95,12 @@ def measure(
         command = naive_command(model_pt, port, plan.threads)
         url = f"http://127.0.0.1:{port}/predict"
     suffix = "" if scenario == "main" else f"-{scenario}"
-    log = plan.results / f"{server}-{work.model}{suffix}.log"
-    print(f"-- {server} {work.model} {scenario}: starting (log {log.name})", flush=True)
-    cells = [Cell(server, work.model, scenario, c) for c in concurrency]
+    label, log_suffix = scenario, suffix
+    if round_no is not None:
+        label, log_suffix = f"{scenario} round {round_no}", f"{suffix}-r{round_no}"
+    log = plan.results / f"{server}-{work.model}{log_suffix}.log"
+    print(f"-- {server} {work.model} {label}: starting (log {log.name})", flush=True)
+    cells = [Cell(server, work.model, scenario, c, round=round_no) for c in concurrency]
     try:
         with Server(
             command, env=env, log_path=log, probe_url=url, probe_body=work.sample_body
@@ -109,6 +116,40 @@ def measure(
             cell.status = f"error: {exc}"
         return cells, [Target(f"{server} {work.model}{suffix}: starts", "FAIL", str(exc))]
     return cells, checks
+
+
+def measure_cache(
+    plan: Plan, work: Workload, repository: Path, *, lua_args: list[str]
+) -> tuple[list[Cell], list[Target]]:
+    """torchgate with the cache on against the cache off (TORCHGATE_CACHE_TTL_S=0), measured
+    alternately, on, off, on, off, ..., `plan.cache_rounds` rounds each, every round on a
+    fresh server at `plan.cache_concurrency`: on a noisy machine one run of each is not a
+    comparison, and alternating spreads any drift over both. Every round is a cell; the
+    checks of all rounds are merged into one line per check (see `merge_rounds`)."""
+    scenarios = (
+        ("cache-on", server_env()),
+        ("cache-off", server_env(TORCHGATE_CACHE_TTL_S="0")),
+    )
+    for stale in plan.results.glob(f"torchgate-{work.model}-cache-*.log"):
+        stale.unlink()  # an earlier run's logs, maybe of rounds this run will not have
+    cells: list[Cell] = []
+    per_round: list[tuple[int, list[Target]]] = []
+    for round_no in range(1, plan.cache_rounds + 1):
+        for scenario, env in scenarios:
+            new, checked = measure(
+                plan,
+                "torchgate",
+                work,
+                repository,
+                scenario=scenario,
+                concurrency=[plan.cache_concurrency],
+                env=env,
+                lua_args=lua_args,
+                round_no=round_no,
+            )
+            cells += new
+            per_round.append((round_no, checked))
+    return cells, merge_rounds(per_round, plan.cache_rounds)
 
 
 def v1_answer_check(who: str, answer: bytes, work: Workload) -> Target:

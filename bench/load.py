@@ -33,7 +33,8 @@ class HarnessError(RuntimeError):
 
 @dataclass(slots=True)
 class Cell:
-    """One measured (or skipped) load: a server, a model, a scenario, a concurrency."""
+    """One measured (or skipped) load: a server, a model, a scenario, a concurrency (and,
+    for a cell measured in rounds, the round)."""
 
     server: str
     model: str
@@ -50,6 +51,7 @@ class Cell:
     non2xx: int = 0
     socket_errors: int = 0
     duration_s: float = 0.0
+    round: int | None = None  # which round of a cell measured several times (the cache cell)
 
     @property
     def ok(self) -> bool:

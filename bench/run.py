@@ -4,18 +4,29 @@ For each model (the bundled `digits`, and `mlp_wide`, written by scripts/make_ml
 when missing) it measures the in-process limit of the bare forward, then starts torchgate
 and then the naive baseline (bench/naive_server.py), each alone, warms it up and drives it
 with wrk (bench/post.lua) at each concurrency: one row per request, every request's input
-unique so the inference cache (on, as shipped) never answers one. Extra cells: digits with
-half the requests repeating a few inputs, cache on against cache off; and mlp_wide with
-64-row V2 requests, JSON against the binary tensor extension (cache off, same body each
-time), skipped while the V2 endpoint answers 404.
+unique so the inference cache (on, as shipped) never answers one.
+
+Extra cells. The cache cell, per model: torchgate with the cache on (as shipped) against
+TORCHGATE_CACHE_TTL_S=0, half the requests repeating one of 32 earlier inputs, at
+--cache-concurrency (64, the concurrency of the batching targets). The two are measured
+alternately, on, off, on, off, ..., --cache-rounds times each (3; 1 with --quick), every
+round on a fresh server warmed up and driven for the cell's duration, since one run of
+each varies too much on a noisy machine to compare; the table, the on/off ratio and the
+"cache-on rps >= 1.5x cache-off" target use each scenario's median rps over its rounds
+(the rounds' rps are printed beside it, every round is a cell of results.json, with its
+`round`), and the answer checks are one line per scenario over all rounds. The V2 cell,
+mlp_wide with 64-row V2 requests, JSON against the binary tensor extension (cache off,
+same body each time), skipped while the V2 endpoint answers 404.
 
 Writes bench/results/results.json, bench/results/bench.png and the servers' logs beside
-them; prints the table, the ratios and the issue's targets (PASS/FAIL/SKIP). The exit code
-is 0 whatever the targets say; 1 when a cell could not be measured (a server did not start),
-2 when the harness itself broke (wrk missing or failing).
+them (a cache round's log ends in -r1, -r2, ...); prints the table, the ratios and the
+issue's targets (PASS/FAIL/SKIP). The exit code is 0 whatever the targets say; 1 when a
+cell could not be measured (a server did not start), 2 when the harness itself broke (wrk
+missing or failing).
 
     .venv/bin/python bench/run.py [--quick] [--duration 10] [--models digits,mlp_wide]
                                   [--concurrency 1,16,64] [--no-cache-cell] [--no-v2-cell]
+                                  [--cache-concurrency 64] [--cache-rounds 3]
 """
 
 from __future__ import annotations
@@ -32,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from cells import Plan, measure, measure_v2, server_env
+from cells import Plan, measure, measure_cache, measure_v2, server_env
 from load import (
     Cell,
     HarnessError,
@@ -42,7 +53,16 @@ from load import (
     workload,
     wrk_version,
 )
-from report import Target, pair_lines, plot, ratio_lines, ratios, table, targets
+from report import (
+    Target,
+    cache_comparisons,
+    pair_lines,
+    plot,
+    ratio_lines,
+    ratios,
+    table,
+    targets,
+)
 from servers import single_model_repository
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -80,7 +100,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "the cores)",
     )
     p.add_argument("--cache-cell", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--cache-concurrency", type=_positive, default=16)
+    p.add_argument(
+        "--cache-concurrency",
+        type=_positive,
+        default=64,
+        help="connections of the cache cell (default 64, the batching targets' concurrency)",
+    )
+    p.add_argument(
+        "--cache-rounds",
+        type=_positive,
+        help="cache-on and cache-off runs each, alternately, every one on a fresh server; "
+        "compared by their medians (default 3, --quick 1)",
+    )
     p.add_argument("--v2-cell", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--v2-concurrency", type=_positive, default=8, help="64-row requests at once")
     p.add_argument(
@@ -131,6 +162,7 @@ def bench(args: argparse.Namespace) -> int:
             in_process_s=0.3 if args.quick else 2.0,
             concurrency=concurrency,
             cache_concurrency=args.cache_concurrency,
+            cache_rounds=args.cache_rounds or (1 if args.quick else 3),
             v2_concurrency=args.v2_concurrency,
             log_level=args.server_log_level,
             work_dir=Path(tmp),
@@ -161,22 +193,9 @@ def bench(args: argparse.Namespace) -> int:
                 checks += checked
             if args.cache_cell:
                 cache_args = [*main_args, "repeat=0.5", f"pool={CACHE_POOL}"]
-                for scenario, env in (
-                    ("cache-on", server_env()),
-                    ("cache-off", server_env(TORCHGATE_CACHE_TTL_S="0")),
-                ):
-                    new, checked = measure(
-                        plan,
-                        "torchgate",
-                        work,
-                        repository,
-                        scenario=scenario,
-                        concurrency=[plan.cache_concurrency],
-                        env=env,
-                        lua_args=cache_args,
-                    )
-                    cells += new
-                    checks += checked
+                new, checked = measure_cache(plan, work, repository, lua_args=cache_args)
+                cells += new
+                checks += checked
             if model == "mlp_wide" and args.v2_cell:
                 new, checked = measure_v2(plan, work, repository, module)
                 cells += new
@@ -204,6 +223,7 @@ def bench(args: argparse.Namespace) -> int:
             "wrk": wrk_version(wrk),
             "torch_threads": threads,
             "seconds_per_cell": seconds,
+            "cache_rounds": plan.cache_rounds if args.cache_cell else 0,
             "warmup_s": plan.warmup_s,
             "server_log_level": plan.log_level,
             "rps_counts": "responses with status < 400 per second",
@@ -213,6 +233,7 @@ def bench(args: argparse.Namespace) -> int:
             m: {str(b): r for b, r in v.items()} for m, v in in_process.items()
         },
         "ratios": ratio,
+        "cache": {c.model: c.as_dict() for c in cache_comparisons(cells)},
         "checks": [t.as_dict() for t in checks],
         "targets": [t.as_dict() for t in verdicts],
     }
