@@ -118,7 +118,7 @@ def test_full_queue_refuses_at_once(doubler):
 
 def test_request_past_its_deadline_gets_504_and_is_not_computed(doubler):
     async def body(batcher, metrics):
-        held = batcher.submit([slow(8)], 1)
+        held = batcher.submit([slow(20)], 1)
         await asyncio.sleep(0.05)
         late = batcher.submit([rows(1)], 1)
         with pytest.raises(DeadlineExceeded):

@@ -65,18 +65,26 @@ class RequestContextMiddleware:
         try:
             await self.app(scope, receive, send_with_id)
         finally:
-            fields = {
-                "method": scope["method"],
-                "path": scope["path"],
-                "status": status,
-                "total_ms": round((time.perf_counter() - started) * 1000, 3),
-            }
-            if match:
-                fields["trace_id"] = match.group(1)
-            for key in ("model", "version", "rows", "cache", "queue_ms", "compute_ms", "key_name"):
-                if key in state:
-                    fields[key] = state[key]
-            if "error" in state:
-                fields["error"] = state["error"]
-            log.info("request", extra=fields)
+            if log.isEnabledFor(logging.INFO):
+                _log_request(scope, state, status, started, match)
             request_id.reset(token)
+
+
+def _log_request(
+    scope: Scope, state: dict[str, Any], status: int, started: float, trace: re.Match[str] | None
+) -> None:
+    """The access-log line: built only when it will be written."""
+    fields = {
+        "method": scope["method"],
+        "path": scope["path"],
+        "status": status,
+        "total_ms": round((time.perf_counter() - started) * 1000, 3),
+    }
+    if trace:
+        fields["trace_id"] = trace.group(1)
+    for key in ("model", "version", "rows", "cache", "queue_ms", "compute_ms", "key_name"):
+        if key in state:
+            fields[key] = state[key]
+    if "error" in state:
+        fields["error"] = state["error"]
+    log.info("request", extra=fields)

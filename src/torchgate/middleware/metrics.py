@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -21,6 +22,11 @@ class MetricsMiddleware:
     def __init__(self, app: ASGIApp, *, metrics: Metrics) -> None:
         self.app = app
         self.metrics = metrics
+        # label children by their label values: `labels()` takes a lock and hashes its
+        # arguments on every call. Bounded as the series are: routes, methods, codes, models.
+        self._http: dict[tuple[str, str, str], Any] = {}
+        self._requests: dict[tuple[str, str], Any] = {}
+        self._latency: dict[str, Any] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -47,7 +53,11 @@ class MetricsMiddleware:
                 or "unmatched"
             )
             code = str(status)
-            m.http_requests.labels(template, scope["method"], code).inc()
+            key = (template, scope["method"], code)
+            child = self._http.get(key)
+            if child is None:
+                child = self._http[key] = m.http_requests.labels(*key)
+            child.inc()
             path = scope["path"]
             if (
                 scope["method"] == "POST"
@@ -55,5 +65,11 @@ class MetricsMiddleware:
                 and (path == "/predict" or path.endswith((":predict", "/infer")))
             ):
                 model = scope.get("state", {}).get("model", UNKNOWN)
-                m.requests.labels(model, code).inc()
-                m.latency.labels(model).observe(time.perf_counter() - started)
+                counted = self._requests.get((model, code))
+                if counted is None:
+                    counted = self._requests[model, code] = m.requests.labels(model, code)
+                counted.inc()
+                timed = self._latency.get(model)
+                if timed is None:
+                    timed = self._latency[model] = m.latency.labels(model)
+                timed.observe(time.perf_counter() - started)

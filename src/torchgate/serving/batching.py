@@ -6,8 +6,9 @@ counted from the first one's arrival, and runs one forward in its own thread. Wi
 default delay of 0 an idle runner never makes a lone request wait: batches form from what
 queued up while the runners were busy, as Triton's dynamic batcher does. The queue is
 bounded in rows (beyond it: `QueueFull`, at once), every request has a deadline while it
-waits (`DeadlineExceeded`, and it is never computed), and a caller that goes away before
-its batch runs is dropped. A failing batch is retried request by request, so one poisoned
+waits (`DeadlineExceeded`, and it is never computed; one timer, armed for the oldest
+queued request, serves the whole queue), and a caller that goes away before its batch runs
+is dropped. A failing batch is retried request by request, so one poisoned
 input fails only itself.
 
 This is torchgate's core, written here rather than taken from a library: none of the
@@ -35,6 +36,10 @@ from torchgate.serving.scores import top_classes
 
 log = logging.getLogger("torchgate.batching")
 
+# A request expected to wait longer than this gets a watcher for its client's disconnect;
+# under that, computing a row nobody reads costs less than watching every request.
+LONG_WAIT_S = 0.01
+
 
 @dataclass(slots=True)
 class BatchResult:
@@ -54,7 +59,6 @@ class _Pending:
     rows: int
     future: asyncio.Future[BatchResult]
     enqueued: float
-    timer: asyncio.TimerHandle | None = None
     queued: bool = True
 
 
@@ -91,6 +95,8 @@ class Batcher:
     _accepting: bool = field(default=True, init=False)
     _closing: bool = field(default=False, init=False)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list, init=False)
+    _deadline_timer: asyncio.TimerHandle | None = field(default=None, init=False)
+    _compute_s: float = field(default=0.0, init=False)  # moving average of a forward's time
 
     def __post_init__(self) -> None:
         self._batched = self.model.config.batched
@@ -104,6 +110,7 @@ class Batcher:
         self._runners = [
             Runner(f"runner-{self.model.key}-{i}") for i in range(self.options.instances)
         ]
+        self._running_since: list[float | None] = [None] * self.options.instances
 
     # lifecycle ----------------------------------------------------------------------------
 
@@ -129,6 +136,8 @@ class Batcher:
         for task in self._tasks:
             await task
         self._tasks.clear()
+        if self._deadline_timer is not None:
+            self._deadline_timer.cancel()
         while self._queue:
             pending = self._queue.popleft()
             self._forget(pending)
@@ -150,6 +159,19 @@ class Batcher:
     def accepting(self) -> bool:
         return self._accepting
 
+    def may_wait_long(self) -> bool:
+        """Whether a request submitted now may wait over `LONG_WAIT_S` for its forward: a
+        forward has been running that long, the usual forward takes that long, or the
+        queue holds more than the runners' next batches."""
+        if not self.busy:
+            return False
+        if self._queued_rows >= self._max_rows * self.options.instances:
+            return True
+        if self._compute_s > LONG_WAIT_S:
+            return True
+        now = self.clock()
+        return any(t is not None and now - t > LONG_WAIT_S for t in self._running_since)
+
     # the caller's side ----------------------------------------------------------------------
 
     async def infer(self, inputs: list[np.ndarray], rows: int) -> BatchResult:
@@ -168,23 +190,37 @@ class Batcher:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[BatchResult] = loop.create_future()
         pending = _Pending(inputs, rows, future, self.clock())
-        pending.timer = loop.call_later(self.options.timeout_s, self._expire, pending)
         future.add_done_callback(lambda _: self._forget(pending))
+        if self._deadline_timer is None:
+            self._deadline_timer = loop.call_later(self.options.timeout_s, self._expire_due)
         self._queue.append(pending)
         self._queued_rows += rows
         self._idle.clear()
         self._wakeup.set()
         return future
 
-    def _expire(self, pending: _Pending) -> None:
-        if not pending.future.done():
-            self.metrics.shed_deadline.inc()
-            pending.future.set_exception(
-                DeadlineExceeded(
-                    f"request waited {self.options.timeout_s * 1000:.0f} ms in the queue of "
-                    f"{self.model.key} without being computed"
+    def _expire_due(self) -> None:
+        """Fail the queued requests whose deadline has passed (the oldest are first: every
+        request waits at most the same `timeout_s`), then arm the timer for the next one."""
+        self._deadline_timer = None
+        timeout_s = self.options.timeout_s
+        now = self.clock()
+        for pending in self._queue:
+            if not pending.queued:
+                continue
+            left = pending.enqueued + timeout_s - now
+            if left > 0:
+                loop = asyncio.get_running_loop()
+                self._deadline_timer = loop.call_later(left, self._expire_due)
+                return
+            if not pending.future.done():
+                self.metrics.shed_deadline.inc()
+                pending.future.set_exception(
+                    DeadlineExceeded(
+                        f"request waited {timeout_s * 1000:.0f} ms in the queue of "
+                        f"{self.model.key} without being computed"
+                    )
                 )
-            )
 
     def _forget(self, pending: _Pending) -> None:
         """Take a request out of the queue's accounting (taken, expired or cancelled)."""
@@ -254,14 +290,15 @@ class Batcher:
                 return
             started = self.clock()
             for pending in batch:
-                if pending.timer is not None:
-                    pending.timer.cancel()
                 self.metrics.queue_wait.observe(started - pending.enqueued)
+            self._running_since[instance] = started
             try:
                 outcomes = await runner.run(self._compute, batch, instance)
             except Exception as exc:  # _compute itself failed: answer everyone, then go on
                 log.exception("runner failed", extra={"model": self.model.key})
                 outcomes = [_Outcome(error=exc) for _ in batch]
+            self._running_since[instance] = None
+            self._compute_s = 0.8 * self._compute_s + 0.2 * (self.clock() - started)
             for pending, outcome in zip(batch, outcomes, strict=True):
                 if pending.future.done():
                     continue

@@ -69,8 +69,9 @@ class _CountingTTLCache(TTLCache):
         return item
 
 
-def row_keys(model: LoadedModel, inputs: list[np.ndarray], rows: int) -> list[bytes]:
-    """One SHA-256 digest per row over the canonical layout described above."""
+def key_prefix(model: LoadedModel) -> tuple[Any, list[bytes]]:
+    """The hash state after the model part of the layout, and each input's name and datatype
+    part: the same for every row of a version, so a cache computes them once."""
     prefix = hashlib.sha256()
     for part in (
         b"torchgate-row-v1",
@@ -79,14 +80,30 @@ def row_keys(model: LoadedModel, inputs: list[np.ndarray], rows: int) -> list[by
         model.sha256.encode(),
     ):
         prefix.update(struct.pack("<I", len(part)) + part)
+    specs = [
+        struct.pack("<I", len(spec.name))
+        + spec.name.encode()
+        + spec.datatype.encode().ljust(8, b"\0")
+        for spec in model.config.inputs
+    ]
+    return prefix, specs
+
+
+def row_keys(
+    model: LoadedModel,
+    inputs: list[np.ndarray],
+    rows: int,
+    prefix: tuple[Any, list[bytes]] | None = None,
+) -> list[bytes]:
+    """One SHA-256 digest per row over the canonical layout described above."""
+    start, specs = prefix or key_prefix(model)
     batched = model.config.batched
     keys = []
     for i in range(rows):
-        h = prefix.copy()
-        for spec, array in zip(model.config.inputs, inputs, strict=True):
+        h = start.copy()
+        for spec, array in zip(specs, inputs, strict=True):
             row = array[i] if batched else array
-            h.update(struct.pack("<I", len(spec.name)) + spec.name.encode())
-            h.update(spec.datatype.encode().ljust(8, b"\0"))
+            h.update(spec)
             h.update(struct.pack(f"<I{row.ndim}q", row.ndim, *row.shape))
             data = _row_bytes(row)
             h.update(struct.pack("<Q", len(data)) + data)
@@ -185,6 +202,7 @@ class VersionCache:
         self._hits = metrics.cache_requests.labels(model.name, "hit")
         self._misses = metrics.cache_requests.labels(model.name, "miss")
         self._inflight: dict[bytes, asyncio.Future[Row]] = {}
+        self._key_prefix = key_prefix(model)
 
     def __len__(self) -> int:
         self._local.expire()
@@ -199,7 +217,7 @@ class VersionCache:
         """The outputs for all rows, computing only those that miss; and HIT/MISS/PARTIAL."""
         if not self.enabled or policy is CachePolicy.BYPASS:
             return await compute(inputs, rows), None
-        keys = row_keys(self.model, inputs, rows)
+        keys = row_keys(self.model, inputs, rows, self._key_prefix)
         found: list[Row | None] = [None] * rows
         joined: dict[int, asyncio.Future[Row]] = {}
         if policy is CachePolicy.USE:

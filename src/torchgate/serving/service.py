@@ -86,9 +86,9 @@ class InferenceService:
                 self.metrics.shed.labels(served.name, "circuit_open").inc()
                 raise
             try:
-                # a request that an idle runner takes at once cannot be dropped before its
-                # forward anyway: only one that will wait needs a disconnect watcher
-                waits = served.batcher.busy
+                # a request that will be computed within milliseconds gains nothing from a
+                # disconnect watcher: only one that may wait long gets one
+                waits = served.batcher.may_wait_long()
                 future = served.batcher.submit(subset, subset_rows)
                 if receive is None or not waits:
                     result = await future
