@@ -12,6 +12,7 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from torchgate.logs import request_id
+from torchgate.middleware.responses import send_error
 
 log = logging.getLogger("torchgate.access")
 
@@ -54,16 +55,25 @@ class RequestContextMiddleware:
         match = _TRACEPARENT.match(trace) if trace else None
         token = request_id.set(rid)
         status = 500
+        responded = False
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status
+            nonlocal status, responded
             if message["type"] == "http.response.start":
                 status = message["status"]
+                responded = True
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
             await send(message)
 
         try:
             await self.app(scope, receive, send_with_id)
+        except Exception:
+            # escaped every handler (a bug in a middleware): still a JSON answer, and the
+            # server logs the exception as it does for any other
+            if not responded:
+                state["error"] = "internal"
+                await send_error(send_with_id, 500, "internal server error")
+            raise
         finally:
             if log.isEnabledFor(logging.INFO):
                 _log_request(scope, state, status, started, match)

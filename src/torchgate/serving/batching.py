@@ -96,7 +96,7 @@ class Batcher:
     _closing: bool = field(default=False, init=False)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list, init=False)
     _deadline_timer: asyncio.TimerHandle | None = field(default=None, init=False)
-    _compute_s: float = field(default=0.0, init=False)  # moving average of a forward's time
+    _compute_s: float = field(default=0.0, init=False)  # moving average of forward times
 
     def __post_init__(self) -> None:
         self._batched = self.model.config.batched
@@ -298,7 +298,8 @@ class Batcher:
                 log.exception("runner failed", extra={"model": self.model.key})
                 outcomes = [_Outcome(error=exc) for _ in batch]
             self._running_since[instance] = None
-            self._compute_s = 0.8 * self._compute_s + 0.2 * (self.clock() - started)
+            forward_s = max(o.compute_s for o in outcomes)  # not the hand-offs around it
+            self._compute_s = 0.8 * self._compute_s + 0.2 * forward_s
             for pending, outcome in zip(batch, outcomes, strict=True):
                 if pending.future.done():
                     continue
