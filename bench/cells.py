@@ -1,6 +1,7 @@
 """The cells of `bench/run.py` (owns measuring one server): start it, check its answer,
-warm it up, drive it with wrk at each concurrency, and turn what wrk saw into `Cell`s; and
-the cache cell, cache on against cache off, in alternating rounds on fresh servers.
+warm it up, drive it with wrk at each concurrency, and turn what wrk saw into `Cell`s; the
+main cells (torchgate against the naive server) and the cache cell (cache on against cache
+off), each in alternating rounds on fresh servers; and the V2 cell.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class Plan:
     warmup_s: int
     in_process_s: float
     concurrency: list[int]
+    rounds: int
     cache_concurrency: int
     cache_rounds: int
     v2_concurrency: int
@@ -118,38 +120,83 @@ def measure(
     return cells, checks
 
 
-def measure_cache(
-    plan: Plan, work: Workload, repository: Path, *, lua_args: list[str]
+def measure_rounds(
+    plan: Plan,
+    work: Workload,
+    repository: Path,
+    *,
+    variants: list[tuple[str, str, dict[str, str]]],
+    rounds: int,
+    concurrency: list[int],
+    lua_args: list[str],
+    stale: list[str],
 ) -> tuple[list[Cell], list[Target]]:
-    """torchgate with the cache on against the cache off (TORCHGATE_CACHE_TTL_S=0), measured
-    alternately, on, off, on, off, ..., `plan.cache_rounds` rounds each, every round on a
-    fresh server at `plan.cache_concurrency`: on a noisy machine one run of each is not a
-    comparison, and alternating spreads any drift over both. Every round is a cell; the
-    checks of all rounds are merged into one line per check (see `merge_rounds`)."""
-    scenarios = (
-        ("cache-on", server_env()),
-        ("cache-off", server_env(TORCHGATE_CACHE_TTL_S="0")),
-    )
-    for stale in plan.results.glob(f"torchgate-{work.model}-cache-*.log"):
-        stale.unlink()  # an earlier run's logs, maybe of rounds this run will not have
+    """Each (server, scenario, env) of `variants` measured alternately, round after round,
+    `rounds` times, every round on a fresh server at every concurrency: on a noisy machine
+    one run of each is not a comparison, and alternating spreads any drift over all of
+    them. Every round is a cell (with its `round`, and its log named -r1, -r2, ...); the
+    checks of all rounds are merged into one line per check (see `merge_rounds`). `stale`
+    are glob patterns of an earlier run's logs to remove first."""
+    for pattern in stale:
+        for old in plan.results.glob(pattern):
+            old.unlink()  # an earlier run's logs, maybe of rounds this run will not have
     cells: list[Cell] = []
     per_round: list[tuple[int, list[Target]]] = []
-    for round_no in range(1, plan.cache_rounds + 1):
-        for scenario, env in scenarios:
+    for round_no in range(1, rounds + 1):
+        for server, scenario, env in variants:
             new, checked = measure(
                 plan,
-                "torchgate",
+                server,
                 work,
                 repository,
                 scenario=scenario,
-                concurrency=[plan.cache_concurrency],
+                concurrency=concurrency,
                 env=env,
                 lua_args=lua_args,
                 round_no=round_no,
             )
             cells += new
             per_round.append((round_no, checked))
-    return cells, merge_rounds(per_round, plan.cache_rounds)
+    return cells, merge_rounds(per_round, rounds)
+
+
+def measure_main(
+    plan: Plan, work: Workload, repository: Path, *, lua_args: list[str]
+) -> tuple[list[Cell], list[Target]]:
+    """The main cells: torchgate against the naive server at every `plan.concurrency`,
+    alternately, torchgate, naive, torchgate, naive, ..., `plan.rounds` rounds each."""
+    servers = ("torchgate", "naive")
+    return measure_rounds(
+        plan,
+        work,
+        repository,
+        variants=[(server, "main", server_env()) for server in servers],
+        rounds=plan.rounds,
+        concurrency=plan.concurrency,
+        lua_args=lua_args,
+        stale=[f"{s}-{work.model}{tail}" for s in servers for tail in (".log", "-r*.log")],
+    )
+
+
+def measure_cache(
+    plan: Plan, work: Workload, repository: Path, *, lua_args: list[str]
+) -> tuple[list[Cell], list[Target]]:
+    """torchgate with the cache on against the cache off (TORCHGATE_CACHE_TTL_S=0), measured
+    alternately, on, off, on, off, ..., `plan.cache_rounds` rounds each, every round on a
+    fresh server at `plan.cache_concurrency` (see `measure_rounds`)."""
+    return measure_rounds(
+        plan,
+        work,
+        repository,
+        variants=[
+            ("torchgate", "cache-on", server_env()),
+            ("torchgate", "cache-off", server_env(TORCHGATE_CACHE_TTL_S="0")),
+        ],
+        rounds=plan.cache_rounds,
+        concurrency=[plan.cache_concurrency],
+        lua_args=lua_args,
+        stale=[f"torchgate-{work.model}-cache-*.log"],
+    )
 
 
 def v1_answer_check(who: str, answer: bytes, work: Workload) -> Target:

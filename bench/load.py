@@ -51,7 +51,7 @@ class Cell:
     non2xx: int = 0
     socket_errors: int = 0
     duration_s: float = 0.0
-    round: int | None = None  # which round of a cell measured several times (the cache cell)
+    round: int | None = None  # which round of a cell measured several times (main, cache)
 
     @property
     def ok(self) -> bool:

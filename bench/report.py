@@ -1,7 +1,8 @@
 """What `bench/run.py` reports (owns the table, the ratios, the issue's targets, the plot).
 
 Every function here reads measured `Cell`s; nothing here measures. A cell measured in
-rounds (the cache cell) is reported as the median of its rounds.
+rounds (the main cells and the cache cell) is reported, compared and judged as the median
+of its rounds.
 """
 
 from __future__ import annotations
@@ -90,67 +91,104 @@ def collapse_rounds(cells: list[Cell]) -> list[Cell]:
 
 
 @dataclass(slots=True)
-class CacheComparison:
-    """One model's cache cell: every round of cache-on and of cache-off, in order."""
+class Comparison:
+    """Two sides measured in rounds at one model and concurrency (torchgate and naive, or
+    cache-on and cache-off), every round of each in order; compared on their medians."""
 
     model: str
     concurrency: int
-    on: list[Cell]
-    off: list[Cell]
+    names: tuple[str, str]
+    a: list[Cell]
+    b: list[Cell]
 
     @property
-    def on_rps(self) -> float:
-        return median_cell(self.on).rps or 0.0
+    def a_cell(self) -> Cell:
+        return median_cell(self.a)
 
     @property
-    def off_rps(self) -> float:
-        return median_cell(self.off).rps or 0.0
+    def b_cell(self) -> Cell:
+        return median_cell(self.b)
+
+    @property
+    def a_rps(self) -> float:
+        return self.a_cell.rps or 0.0
+
+    @property
+    def b_rps(self) -> float:
+        return self.b_cell.rps or 0.0
 
     @property
     def ratio(self) -> float:
-        return self.on_rps / self.off_rps
+        return self.a_rps / self.b_rps
 
-    def rounds_text(self) -> str:
-        """ "median of 3 rounds: cache-on 1,234 / 1,300 / 1,190, cache-off 850 / 900 / 870"."""
+    def rounds_text(self, metric: str = "rps") -> str:
+        """ "median of 3 rounds: cache-on 1,234 / 1,300 / 1,190, cache-off 850 / 900 / 870",
+        each round's `metric` (rps, or a latency in ms)."""
+        digits, unit = (0, "") if metric == "rps" else (2, " ms")
 
         def each(cells: list[Cell]) -> str:
-            return " / ".join(f"{c.rps:,.0f}" if c.ok else "error" for c in cells)
+            values = (f"{getattr(c, metric):,.{digits}f}" if c.ok else "error" for c in cells)
+            return " / ".join(values) + unit
 
-        rounds = max(len(self.on), len(self.off))
+        rounds = max(len(self.a), len(self.b))
         if rounds == 1:
             how = "1 round"
-        elif all(c.ok for c in self.on + self.off):
+        elif all(c.ok for c in self.a + self.b):
             how = f"median of {rounds} rounds"
         else:
             how = f"median of the rounds measured, of {rounds}"
-        return f"{how}: cache-on {each(self.on)}, cache-off {each(self.off)}"
+        what = "" if metric == "rps" else f" ({metric.removesuffix('_ms')})"
+        a, b = self.names
+        return f"{how}{what}: {a} {each(self.a)}, {b} {each(self.b)}"
 
     def as_dict(self) -> dict[str, Any]:
+        def side(cells: list[Cell], rps: float) -> dict[str, Any]:
+            return {"median_rps": rps, "rps_by_round": [c.rps if c.ok else None for c in cells]}
+
+        a, b = self.names
         return {
             "concurrency": self.concurrency,
-            "rounds": max(len(self.on), len(self.off)),
-            "cache-on": {
-                "median_rps": self.on_rps,
-                "rps_by_round": [c.rps if c.ok else None for c in self.on],
-            },
-            "cache-off": {
-                "median_rps": self.off_rps,
-                "rps_by_round": [c.rps if c.ok else None for c in self.off],
-            },
+            "rounds": max(len(self.a), len(self.b)),
+            a: side(self.a, self.a_rps),
+            b: side(self.b, self.b_rps),
             "ratio": self.ratio,
         }
 
 
-def cache_comparisons(cells: list[Cell]) -> list[CacheComparison]:
+def compare(
+    cells: list[Cell], model: str, a: tuple[str, str], b: tuple[str, str], concurrency: int
+) -> Comparison | None:
+    """The rounds of (server, scenario) `a` against those of `b`, for `model` at
+    `concurrency`; None unless both have a measured round and `b`'s median rps is not 0."""
+
+    def side(server: str, scenario: str) -> list[Cell]:
+        key = (server, model, scenario, concurrency)
+        return [c for c in cells if (c.server, c.model, c.scenario, c.concurrency) == key]
+
+    on, off = side(*a), side(*b)
+    if not any(c.ok for c in on) or not any(c.ok for c in off):
+        return None
+    names = (a[0], b[0]) if a[1] == b[1] else (a[1], b[1])
+    comparison = Comparison(model, concurrency, names, on, off)
+    return comparison if comparison.b_rps else None
+
+
+def main_comparison(cells: list[Cell], model: str, concurrency: int) -> Comparison | None:
+    """torchgate against naive, the main scenario, `model` at `concurrency`."""
+    return compare(cells, model, ("torchgate", "main"), ("naive", "main"), concurrency)
+
+
+def cache_comparisons(cells: list[Cell]) -> list[Comparison]:
     """Per model with a measured cache-on and cache-off round, in the cells' order."""
     out = []
     for model in dict.fromkeys(c.model for c in cells):
-        on = [c for c in cells if c.model == model and c.scenario == "cache-on"]
-        off = [c for c in cells if c.model == model and c.scenario == "cache-off"]
-        if any(c.ok for c in on) and any(c.ok for c in off):
-            comparison = CacheComparison(model, on[0].concurrency, on, off)
-            if comparison.off_rps:
-                out.append(comparison)
+        on = next((c for c in cells if c.model == model and c.scenario == "cache-on"), None)
+        if on is None:
+            continue
+        pair = (on.server, "cache-on"), (on.server, "cache-off")
+        comparison = compare(cells, model, *pair, on.concurrency)
+        if comparison is not None:
+            out.append(comparison)
     return out
 
 
@@ -170,9 +208,17 @@ def _num(value: float | None, digits: int = 2) -> str:
     return "-" if value is None else f"{value:,.{digits}f}"
 
 
+def _listed(names: list[str]) -> str:
+    """ "a", "a and b", "a, b and c"."""
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+
+
 def table(cells: list[Cell]) -> str:
     """One row per cell; a cell measured in rounds is one row, the median of its rounds."""
-    rounds = max((c.round for c in cells if c.round is not None), default=None)
+    rounds: dict[str, int] = {}
+    for c in cells:
+        if c.round is not None:
+            rounds[c.scenario] = max(rounds.get(c.scenario, 0), c.round)
     cells = collapse_rounds(cells)
     head = (
         f"{'server':<10} {'model':<9} {'scenario':<10} {'conc':>4} {'rps':>10} "
@@ -190,10 +236,17 @@ def table(cells: list[Cell]) -> str:
             f"{_num(c.rps, 1):>10} {_num(c.p50_ms):>8} {_num(c.p99_ms):>8} "
             f"{c.non2xx:>7} {c.socket_errors:>6}"
         )
-    if rounds is not None and rounds > 1:
+    by_count: dict[int, list[str]] = {}
+    for scenario, count in rounds.items():
+        if count > 1:
+            by_count.setdefault(count, []).append(scenario)
+    if by_count:
+        which = ", ".join(
+            f"{_listed(names)} rows: median of {count} rounds" for count, names in by_count.items()
+        )
         lines.append(
-            f"(cache rows: median of {rounds} rounds, non-2xx/errors summed; each round in "
-            "results.json)"
+            f"({which};\n rps, p50 and p99 each the median of the rounds' own, not one round's; "
+            "non-2xx/errors summed;\n each round in results.json)"
         )
     return "\n".join(lines)
 
@@ -206,7 +259,8 @@ def ratios(
     cells: list[Cell], in_process: dict[str, dict[int, float]], concurrency: list[int]
 ) -> dict[str, dict[str, dict[str, float | None]]]:
     """Per model and concurrency: torchgate/naive (rps, p99) and torchgate/in-process limit
-    (batch 1 and the best batch size)."""
+    (batch 1 and the best batch size), of the medians of cells measured in rounds."""
+    cells = collapse_rounds(cells)
     out: dict[str, dict[str, dict[str, float | None]]] = {}
     for model, rates in in_process.items():
         best = max(rate for batch, rate in rates.items() if batch > 1)
@@ -242,12 +296,16 @@ def pair_lines(cells: list[Cell]) -> str:
 
 
 def ratio_lines(
-    ratio: dict[str, dict[str, dict[str, float | None]]], in_process: dict[str, dict[int, float]]
+    ratio: dict[str, dict[str, dict[str, float | None]]],
+    in_process: dict[str, dict[int, float]],
+    rounds: int = 1,
 ) -> str:
     def x(value: float | None) -> str:
         return "-" if value is None else f"{value:.2f}x"
 
     lines = []
+    if rounds > 1:
+        lines.append(f"(torchgate and naive: the medians of {rounds} rounds)")
     for model, per_c in ratio.items():
         rates = in_process[model]
         best_batch = max((b for b in rates if b > 1), key=rates.__getitem__)
@@ -268,22 +326,21 @@ def _ratio_target(
     name: str, cells: list[Cell], model: str, metric: str, factor: float, better: str
 ) -> Target:
     c = TARGET_CONCURRENCY
-    tg = find(cells, "torchgate", model, "main", c)
-    naive = find(cells, "naive", model, "main", c)
-    if tg is None or naive is None:
+    pair = main_comparison(cells, model, c)
+    if pair is None:
         return Target(name, "SKIP", f"no {model} c={c} cell for both servers")
-    mine, theirs = getattr(tg, metric), getattr(naive, metric)
+    mine, theirs = getattr(pair.a_cell, metric), getattr(pair.b_cell, metric)
     if better == "higher":
         ok = mine >= factor * theirs
-        detail = f"{mine:,.1f} vs {theirs:,.1f} ({mine / theirs:.2f}x, need >= {factor:g}x)"
+        detail = f"{mine:,.1f} vs {theirs:,.1f} ({mine / theirs:.2f}x, need >= {factor:g}x"
     else:
         ok = mine <= theirs / factor
-        detail = f"{mine:.2f} ms vs {theirs:.2f} ms (need <= {theirs / factor:.2f} ms)"
-    return Target(name, "PASS" if ok else "FAIL", detail)
+        detail = f"{mine:.2f} ms vs {theirs:.2f} ms (need <= {theirs / factor:.2f} ms"
+    return Target(name, "PASS" if ok else "FAIL", f"{detail}; {pair.rounds_text(metric)})")
 
 
 def targets(cells: list[Cell]) -> list[Target]:
-    """The issue's targets, each checked against the measured cells."""
+    """The issue's targets, each checked against the medians of the measured rounds."""
     out = [
         _ratio_target(
             "mlp_wide c64: torchgate rps >= 4x naive", cells, "mlp_wide", "rps", 4, "higher"
@@ -295,13 +352,13 @@ def targets(cells: list[Cell]) -> list[Target]:
     ]
     for model in ("digits", "mlp_wide"):
         name = f"{model} c1: torchgate p50 within 1 ms of naive"
-        tg = find(cells, "torchgate", model, "main", 1)
-        naive = find(cells, "naive", model, "main", 1)
-        if tg is None or naive is None:
+        pair = main_comparison(cells, model, 1)
+        if pair is None:
             out.append(Target(name, "SKIP", f"no {model} c=1 cell for both servers"))
             continue
-        gap = tg.p50_ms - naive.p50_ms  # type: ignore[operator]
-        detail = f"{tg.p50_ms:.2f} ms vs {naive.p50_ms:.2f} ms ({gap:+.2f} ms)"
+        tg, naive = pair.a_cell.p50_ms, pair.b_cell.p50_ms
+        gap = tg - naive  # type: ignore[operator]
+        detail = f"{tg:.2f} ms vs {naive:.2f} ms ({gap:+.2f} ms; {pair.rounds_text('p50_ms')})"
         out.append(Target(name, "PASS" if gap <= 1.0 else "FAIL", detail))
     comparisons = {c.model: c for c in cache_comparisons(cells)}
     for model in ("digits", "mlp_wide"):
@@ -312,7 +369,7 @@ def targets(cells: list[Cell]) -> list[Target]:
             continue
         ratio = comparison.ratio
         detail = (
-            f"{comparison.on_rps:,.1f} vs {comparison.off_rps:,.1f} ({ratio:.2f}x, need >= "
+            f"{comparison.a_rps:,.1f} vs {comparison.b_rps:,.1f} ({ratio:.2f}x, need >= "
             f"{CACHE_FACTOR:g}x; {comparison.rounds_text()})"
         )
         out.append(Target(name, "PASS" if ratio >= CACHE_FACTOR else "FAIL", detail))
@@ -320,12 +377,14 @@ def targets(cells: list[Cell]) -> list[Target]:
 
 
 def plot(cells: list[Cell], in_process: dict[str, dict[int, float]], path: Path) -> None:
-    """Throughput and p99 against concurrency, one line per server and model."""
+    """Throughput and p99 against concurrency, one line per server and model (the medians
+    of cells measured in rounds)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    cells = collapse_rounds(cells)
     fig, (rps_ax, p99_ax) = plt.subplots(1, 2, figsize=(12, 4.8))
     colors = {}
     for cell in cells:

@@ -1,32 +1,36 @@
 """`make bench`: torchgate against the naive FastAPI server (owns the benchmark of issue 3).
 
 For each model (the bundled `digits`, and `mlp_wide`, written by scripts/make_mlp_wide.py
-when missing) it measures the in-process limit of the bare forward, then starts torchgate
-and then the naive baseline (bench/naive_server.py), each alone, warms it up and drives it
-with wrk (bench/post.lua) at each concurrency: one row per request, every request's input
-unique so the inference cache (on, as shipped) never answers one.
+when missing) it measures the in-process limit of the bare forward, then the main cells:
+torchgate and the naive baseline (bench/naive_server.py), each alone, warmed up and driven
+with wrk (bench/post.lua) at each concurrency, one row per request, every request's input
+unique so the inference cache (on, as shipped) never answers one. The two are measured
+alternately, torchgate, naive, torchgate, naive, ..., --rounds times each (3; 1 with
+--quick), every round on a fresh server warmed up and run at every concurrency, since one
+run of each varies too much on a noisy machine to compare; the table, the torchgate/naive
+and torchgate/in-process ratios, the plot and the targets use the median of each server,
+model and concurrency over its rounds (the targets print the rounds' values beside it,
+every round is a cell of results.json, with its `round`), and the answer checks are one
+line per server and model over all rounds.
 
 Extra cells. The cache cell, per model: torchgate with the cache on (as shipped) against
 TORCHGATE_CACHE_TTL_S=0, half the requests repeating one of 32 earlier inputs, at
---cache-concurrency (64, the concurrency of the batching targets). The two are measured
-alternately, on, off, on, off, ..., --cache-rounds times each (3; 1 with --quick), every
-round on a fresh server warmed up and driven for the cell's duration, since one run of
-each varies too much on a noisy machine to compare; the table, the on/off ratio and the
-"cache-on rps >= 1.5x cache-off" target use each scenario's median rps over its rounds
-(the rounds' rps are printed beside it, every round is a cell of results.json, with its
-`round`), and the answer checks are one line per scenario over all rounds. The V2 cell,
-mlp_wide with 64-row V2 requests, JSON against the binary tensor extension (cache off,
-same body each time), skipped while the V2 endpoint answers 404.
+--cache-concurrency (64, the concurrency of the batching targets), in rounds the same way:
+on, off, on, off, ..., --cache-rounds times each (3; 1 with --quick), judged on each
+scenario's median rps ("cache-on rps >= 1.5x cache-off"). The V2 cell, mlp_wide with
+64-row V2 requests, JSON against the binary tensor extension (cache off, same body each
+time), skipped while the V2 endpoint answers 404.
 
 Writes bench/results/results.json, bench/results/bench.png and the servers' logs beside
-them (a cache round's log ends in -r1, -r2, ...); prints the table, the ratios and the
-issue's targets (PASS/FAIL/SKIP). The exit code is 0 whatever the targets say; 1 when a
-cell could not be measured (a server did not start), 2 when the harness itself broke (wrk
-missing or failing).
+them (a round's log ends in -r1, -r2, ...: torchgate-digits-r1.log,
+torchgate-digits-cache-on-r1.log); prints the table, the ratios and the issue's targets
+(PASS/FAIL/SKIP). The exit code is 0 whatever the targets say; 1 when a cell could not be
+measured (a server did not start), 2 when the harness itself broke (wrk missing or
+failing).
 
     .venv/bin/python bench/run.py [--quick] [--duration 10] [--models digits,mlp_wide]
-                                  [--concurrency 1,16,64] [--no-cache-cell] [--no-v2-cell]
-                                  [--cache-concurrency 64] [--cache-rounds 3]
+                                  [--concurrency 1,16,64] [--rounds 3] [--no-cache-cell]
+                                  [--no-v2-cell] [--cache-concurrency 64] [--cache-rounds 3]
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from cells import Plan, measure, measure_cache, measure_v2, server_env
+from cells import Plan, measure_cache, measure_main, measure_v2
 from load import (
     Cell,
     HarnessError,
@@ -93,6 +97,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--models", type=_names, default="digits,mlp_wide", help="comma-separated")
     p.add_argument("--concurrency", type=_positives, default="1,16,64", help="connections")
     p.add_argument("--quick", action="store_true", help="2 s cells, for smoke tests")
+    p.add_argument(
+        "--rounds",
+        type=_positive,
+        help="torchgate and naive runs each, alternately, every one on a fresh server at "
+        "every concurrency; compared by their medians (default 3, --quick 1)",
+    )
     p.add_argument(
         "--torch-threads",
         type=_positive,
@@ -161,6 +171,7 @@ def bench(args: argparse.Namespace) -> int:
             warmup_s=1 if args.quick else 2,
             in_process_s=0.3 if args.quick else 2.0,
             concurrency=concurrency,
+            rounds=args.rounds or (1 if args.quick else 3),
             cache_concurrency=args.cache_concurrency,
             cache_rounds=args.cache_rounds or (1 if args.quick else 3),
             v2_concurrency=args.v2_concurrency,
@@ -179,18 +190,9 @@ def bench(args: argparse.Namespace) -> int:
             in_process[model] = in_process_limit(module, work.rows, threads, plan.in_process_s)
             repository = single_model_repository(folder, plan.work_dir)
             main_args = [f"bodies={work.templates}"]
-            for server in ("torchgate", "naive"):
-                new, checked = measure(
-                    plan,
-                    server,
-                    work,
-                    repository,
-                    concurrency=concurrency,
-                    env=server_env(),
-                    lua_args=main_args,
-                )
-                cells += new
-                checks += checked
+            new, checked = measure_main(plan, work, repository, lua_args=main_args)
+            cells += new
+            checks += checked
             if args.cache_cell:
                 cache_args = [*main_args, "repeat=0.5", f"pool={CACHE_POOL}"]
                 new, checked = measure_cache(plan, work, repository, lua_args=cache_args)
@@ -206,7 +208,7 @@ def bench(args: argparse.Namespace) -> int:
     print()
     print(table(cells))
     print()
-    print(ratio_lines(ratio, in_process))
+    print(ratio_lines(ratio, in_process, plan.rounds))
     print(pair_lines(cells))
     print()
     for target in checks + verdicts:
@@ -223,6 +225,7 @@ def bench(args: argparse.Namespace) -> int:
             "wrk": wrk_version(wrk),
             "torch_threads": threads,
             "seconds_per_cell": seconds,
+            "rounds": plan.rounds,
             "cache_rounds": plan.cache_rounds if args.cache_cell else 0,
             "warmup_s": plan.warmup_s,
             "server_log_level": plan.log_level,
