@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import pytest
 import torch
 import uvicorn
 from torch import nn
@@ -106,6 +107,15 @@ def server_process(
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
+
+
+def promtool() -> str:
+    """The promtool binary; the test is skipped where it is not installed (`.ci/run`
+    installs Debian's `prometheus`, which carries it)."""
+    found = shutil.which("promtool")
+    if found is None:
+        pytest.skip("promtool is not installed (apt-get install -y prometheus)")
+    return found
 
 
 def redis_up(port: int = 6379) -> bool:

@@ -5,7 +5,6 @@ and the alert rules query."""
 from __future__ import annotations
 
 import asyncio
-import shutil
 import subprocess
 from collections import Counter
 from collections.abc import Callable
@@ -22,6 +21,7 @@ from tests.support import (
     copy_digits,
     doubler_toml,
     metric,
+    promtool,
     slow_row,
     write_model,
 )
@@ -211,13 +211,6 @@ def test_every_counter_is_at_its_exact_value_after_mixed_traffic(served):
         line.startswith("ai_predictions_total{") and 'model="doubler"' in line
         for line in text.splitlines()
     )
-
-
-def promtool() -> str:
-    found = shutil.which("promtool")
-    if found is None:
-        pytest.skip("promtool is not installed (apt-get install -y prometheus)")
-    return found
 
 
 def test_live_metrics_pass_promtool_check_metrics(served):

@@ -35,6 +35,7 @@ from tests.deploy.promql_names import (
     names_in,
     rule_exprs,
 )
+from tests.support import promtool
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "k8s"
@@ -636,12 +637,9 @@ def test_rules_file_and_prometheus_rule_agree() -> None:
     )
 
 
-def test_rules_pass_promtool() -> None:
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        pytest.skip("promtool is not installed (Debian package `prometheus`)")
+def assert_rules_pass_promtool(path: Path) -> None:
     result = subprocess.run(
-        [promtool, "check", "rules", str(RULES)],
+        [promtool(), "check", "rules", str(path)],
         capture_output=True,
         text=True,
         timeout=60,
@@ -650,11 +648,13 @@ def test_rules_pass_promtool() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_rules_pass_promtool() -> None:
+    assert_rules_pass_promtool(RULES)
+
+
 def test_dashboard_queries_parse(tmp_path: Path) -> None:
     """promtool has no query checker, so each panel query becomes a recording rule."""
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        pytest.skip("promtool is not installed (Debian package `prometheus`)")
+    promtool()  # skip before building the rules where it is not installed
     grafana = {"$__rate_interval": "5m", "$job": ".+", "$model": ".+"}
     rules = []
     for i, expr in enumerate(dashboard_exprs()):
@@ -664,14 +664,7 @@ def test_dashboard_queries_parse(tmp_path: Path) -> None:
         rules.append({"record": f"dashboard:panel_{i}", "expr": expr})
     path = tmp_path / "dashboard-rules.yml"
     path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
-    result = subprocess.run(
-        [promtool, "check", "rules", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
+    assert_rules_pass_promtool(path)
 
 
 def compact(expr: str) -> str:
