@@ -22,11 +22,17 @@ class MetricsMiddleware:
     def __init__(self, app: ASGIApp, *, metrics: Metrics) -> None:
         self.app = app
         self.metrics = metrics
-        # label children by their label values: `labels()` takes a lock and hashes its
-        # arguments on every call. Bounded as the series are: routes, methods, codes, models.
-        self._http: dict[tuple[str, str, str], Any] = {}
-        self._requests: dict[tuple[str, str], Any] = {}
-        self._latency: dict[str, Any] = {}
+        # label children by metric and label values: `labels()` takes a lock and hashes
+        # its arguments on every call. Bounded as the series are: routes, methods, codes,
+        # models.
+        self._children: dict[tuple[Any, ...], Any] = {}
+
+    def _child(self, metric: Any, *values: str) -> Any:
+        key = (metric, *values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*values)
+        return child
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -53,11 +59,7 @@ class MetricsMiddleware:
                 or "unmatched"
             )
             code = str(status)
-            key = (template, scope["method"], code)
-            child = self._http.get(key)
-            if child is None:
-                child = self._http[key] = m.http_requests.labels(*key)
-            child.inc()
+            self._child(m.http_requests, template, scope["method"], code).inc()
             path = scope["path"]
             if (
                 scope["method"] == "POST"
@@ -65,11 +67,5 @@ class MetricsMiddleware:
                 and (path == "/predict" or path.endswith((":predict", "/infer")))
             ):
                 model = scope.get("state", {}).get("model", UNKNOWN)
-                counted = self._requests.get((model, code))
-                if counted is None:
-                    counted = self._requests[model, code] = m.requests.labels(model, code)
-                counted.inc()
-                timed = self._latency.get(model)
-                if timed is None:
-                    timed = self._latency[model] = m.latency.labels(model)
-                timed.observe(time.perf_counter() - started)
+                self._child(m.requests, model, code).inc()
+                self._child(m.latency, model).observe(time.perf_counter() - started)
