@@ -170,6 +170,28 @@ class Doubler(nn.Module):
         return x * 2
 
 
+BREAK, MEND = 555.0, 444.0
+
+
+class Breakable(nn.Module):
+    """A Doubler that a row holding 555 breaks, as a model whose state went bad: from then
+    on every forward raises, known-good input included, until a row holding 444 mends it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("broken", torch.zeros(1))
+        self.doubler = Doubler()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if bool((x == 444.0).any()):  # MEND
+            self.broken.zero_()
+        elif bool((x == 555.0).any()):  # BREAK
+            self.broken.fill_(1.0)
+        if bool(self.broken[0] > 0):
+            raise RuntimeError("the model is broken")
+        return self.doubler(x)
+
+
 def slow_row(tenths: int) -> list[float]:
     """A Doubler row that holds a runner for roughly `tenths` * 50 ms."""
     return [777.0, float(tenths), 0.0, 0.0]

@@ -85,9 +85,6 @@ def create_app(settings: Settings, *, models: dict[str, ModelFolder] | None = No
             registry.add(folder)
         app.state.registry = registry
         app.state.service = InferenceService(registry, metrics, draining=lambda: app.state.draining)
-        app.state.readiness_checks.append(
-            lambda: [f"circuit open for {key}" for key in registry.open_circuits()]
-        )
         sampler = Sampler(
             metrics,
             batch_limits=lambda: {
@@ -139,7 +136,6 @@ def create_app(settings: Settings, *, models: dict[str, ModelFolder] | None = No
     app.state.metrics = metrics
     app.state.ready = False
     app.state.draining = False
-    app.state.readiness_checks = []
     app.state.text_policy = TextPolicy(
         max_length=settings.max_text_length, deny_phrases=settings.deny_list()
     )

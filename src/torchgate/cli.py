@@ -111,6 +111,7 @@ def serve(args: argparse.Namespace) -> int:
     import torch
 
     from torchgate.app import create_app, torch_threads  # torch is imported here, not at --help
+    from torchgate.protocol import BoundedHttpTools
     from torchgate.serving.repository import ModelRepository
 
     torch.set_num_threads(torch_threads(settings))
@@ -127,6 +128,9 @@ def serve(args: argparse.Namespace) -> int:
         access_log=False,
         timeout_graceful_shutdown=int(settings.drain_timeout_s) or 1,
         server_header=False,
+        http=BoundedHttpTools.limited(
+            max_head_bytes=settings.max_header_bytes, max_headers=settings.max_headers
+        ),
         proxy_headers=False,  # client addresses are the peer's; ingress headers are not trusted
         date_header=True,
     )

@@ -42,6 +42,8 @@ class Settings(BaseSettings):
     rate_limit: str = "100/minute"
     max_body_bytes: int = Field(10 * 1024 * 1024, ge=1024)
     body_timeout_s: float = Field(30.0, gt=0)
+    max_header_bytes: int = Field(64 * 1024, ge=1024, description="request line and headers")
+    max_headers: int = Field(100, ge=8, description="header fields in one request")
     max_text_length: int = Field(10_000, ge=1)
     deny_phrases: str | None = Field(None, description="comma-separated phrases to refuse")
 
@@ -50,6 +52,9 @@ class Settings(BaseSettings):
     cache_ttl_s: float | None = Field(None, ge=0)
     breaker_failures: int = Field(5, ge=1)
     breaker_cooldown_s: float = Field(30.0, gt=0)
+    breaker_min_callers: int = Field(
+        3, ge=1, description="distinct callers before failures of the input's kind count"
+    )
     drain_timeout_s: float = Field(30.0, gt=0)
     model_control: Literal["none", "explicit"] = "none"
     sla_p99_ms: float = Field(500.0, gt=0, description="p99 latency objective for alerts")

@@ -61,14 +61,15 @@ class ClientDisconnected(TorchgateError):
 
 
 class InferenceFailed(TorchgateError):
-    """The model raised while computing this request. `isolated`: it failed alone while
-    the other requests of its batch succeeded, so its input, not the model, is at fault."""
+    """The model raised while computing this request. `input_fault`: the model still worked
+    meanwhile (the other requests of its batch succeeded, or a probe on known-good input
+    did), so this request's input, not the model, is at fault as far as anyone can tell."""
 
     status_code = 500
 
-    def __init__(self, message: str, *, isolated: bool = False) -> None:
+    def __init__(self, message: str, *, input_fault: bool = False) -> None:
         super().__init__(message)
-        self.isolated = isolated
+        self.input_fault = input_fault
 
 
 class Unavailable(TorchgateError):

@@ -176,7 +176,9 @@ def test_a_failing_canary_is_rolled_back_before_min_requests(
         state = c.get("/admin/models/doubler/canary", headers=ADMIN).json()
         assert state["status"] == "rolled_back" and state["weight"] == 0
         assert state["stable_version"] == 1 and "error rate" in state["last_decision"]["reason"]
-        assert 0 < failures <= 20 < 50
+        # Faulty works on the probe's zeros, so its failures may be the inputs' fault: they
+        # count once a third caller has one (breaker.py), two before then do not
+        assert 0 < failures <= 20 + 2 < 50
         assert weight(c) == 0 and decisions(c, "rollback") == 1
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from tests.support import Doubler, doubler_toml, slow_row, write_model
+from tests.support import BREAK, MEND, Breakable, Doubler, doubler_toml, slow_row, write_model
 from torchgate.errors import DeadlineExceeded, Draining, InferenceFailed, QueueFull
 from torchgate.metrics import Metrics
 from torchgate.serving.batching import Batcher, BatcherOptions
@@ -158,15 +158,41 @@ def test_poisoned_request_fails_alone(doubler):
         with pytest.raises(InferenceFailed) as failed:
             await bad
         assert "Traceback" not in failed.value.message
-        assert failed.value.isolated  # its neighbours succeeded: the input is at fault
+        assert failed.value.input_fault  # its neighbours succeeded: the input is at fault
         with pytest.raises(InferenceFailed) as alone:
             await batcher.submit([rows(666)], 1)
-        assert not alone.value.isolated  # alone in its forward: nothing says it is the input
+        # alone in its forward, but the probe on known-good input succeeded
+        assert alone.value.input_fault
         # the batcher keeps serving
         np.testing.assert_array_equal((await batcher.submit([rows(4)], 1)).outputs[0], rows(4) * 2)
         return metrics
 
     run(doubler, body)
+
+
+def test_a_broken_model_fails_its_probe(tmp_path):
+    write_model(tmp_path, "breakable", Breakable(), doubler_toml(max_batch_size=4))
+    model = ModelRepository(tmp_path, "cpu").load("breakable").versions[1]
+
+    async def body(batcher, metrics):
+        with pytest.raises(InferenceFailed) as broke:
+            await batcher.submit([rows(BREAK)], 1)
+        assert not broke.value.input_fault  # the probe on zeros failed too: the model's fault
+        with pytest.raises(InferenceFailed) as still:
+            await batcher.submit([rows(1)], 1)
+        assert not still.value.input_fault
+        with pytest.raises(InferenceFailed) as poisoned:
+            await batcher.submit([rows(666)], 1)
+        assert not poisoned.value.input_fault  # still broken, so not the input's either
+        np.testing.assert_array_equal(
+            (await batcher.submit([rows(MEND)], 1)).outputs[0], rows(MEND) * 2
+        )
+        with pytest.raises(InferenceFailed) as poisoned:
+            await batcher.submit([rows(666)], 1)
+        assert poisoned.value.input_fault  # mended: the probe succeeds
+        return metrics
+
+    run(model, body)
 
 
 def test_drain_answers_everything_queued_then_refuses(doubler):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from torchgate.errors import CircuitOpen
+from torchgate.serving.blame import CallerSpread
 from torchgate.serving.breaker import BreakerState, CircuitBreaker
 
 CLOSED, HALF_OPEN, OPEN = BreakerState.CLOSED, BreakerState.HALF_OPEN, BreakerState.OPEN
@@ -168,3 +169,31 @@ def test_release_when_closed_changes_nothing(breaker: CircuitBreaker, changes) -
     breaker.allow()
     breaker.release()
     assert breaker.state is CLOSED and changes == []
+
+
+def test_suspect_failures_count_only_from_several_callers(clock: Clock, changes) -> None:
+    breaker = CircuitBreaker(
+        "m/1", failures=3, min_callers=3, clock=clock, on_change=changes.append
+    )
+    for _ in range(20):
+        breaker.allow()
+        assert not breaker.suspect("mallory")
+    assert breaker.state is CLOSED
+    counted = []
+    for caller in ("ann", "bob", "cid"):  # mallory and ann are two; bob makes three
+        breaker.allow()
+        counted.append(breaker.suspect(caller))
+    assert counted == [False, True, True] and breaker.state is CLOSED
+    breaker.allow()
+    assert breaker.suspect("mallory")  # now one caller's failure counts too
+    assert breaker.state is OPEN and changes == [OPEN]
+
+
+def test_suspect_callers_are_forgotten_after_a_minute(clock: Clock) -> None:
+    spread = CallerSpread(min_callers=3, window_s=60, clock=clock)
+    assert not spread.failed("ann")
+    clock.advance(30)
+    assert not spread.failed("bob")
+    clock.advance(31)  # ann's failure is 61 s old
+    assert not spread.failed("cid")
+    assert spread.failed("ann")

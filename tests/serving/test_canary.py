@@ -175,3 +175,17 @@ def test_policy_validation():
         CanaryConfig(version=2, steps=(0.1, 0.5))
     with pytest.raises(ValueError, match="increasing"):
         CanaryConfig(version=2, steps=(0.5, 0.1, 1.0))
+
+
+def test_failures_one_caller_alone_produces_never_roll_it_back():
+    canary, *_ = make()
+    for _ in range(19):
+        canary.record(False, 0.01)
+    for _ in range(200):
+        canary.suspect("mallory", 0.01)  # the input's kind of failure, one caller
+    window = canary.state()["window"]
+    assert canary.status is CanaryStatus.ACTIVE and window["errors"] == 0
+    canary.suspect("ann", 0.01)
+    assert canary.status is CanaryStatus.ACTIVE
+    canary.suspect("bob", 0.01)  # a third distinct caller: they count from now on
+    assert canary.status is CanaryStatus.ROLLED_BACK

@@ -13,6 +13,7 @@ import struct
 
 import numpy as np
 
+from torchgate.api.codec import check_string_count
 from torchgate.errors import BadRequest
 from torchgate.serving.datatypes import NUMPY
 
@@ -94,6 +95,14 @@ def _check_values(array: np.ndarray, datatype: str, what: str) -> None:
 
 
 def _read_strings(raw: memoryview, count: int, what: str) -> np.ndarray:
+    # every element carries a 4-byte length: a count the data cannot hold is refused before
+    # anything is allocated for it
+    if count * _LENGTH.size > len(raw):
+        raise BadRequest(
+            f"{what}: {len(raw)} bytes of binary data cannot hold {count} BYTES elements "
+            f"({_LENGTH.size} bytes of length each, at least)"
+        )
+    check_string_count(count, what)
     items = np.empty(count, dtype=object)
     offset = 0
     for i in range(count):

@@ -17,6 +17,8 @@ from torchgate.serving.datatypes import NUMPY
 from torchgate.serving.model_config import ModelConfig, TensorSpec
 
 MAX_ELEMENTS = 1 << 28
+MAX_RANK = 8
+MAX_STRINGS = 1 << 16  # BYTES elements in one request: each costs Python work to check
 
 
 def parse_json(body: bytes) -> Any:
@@ -94,12 +96,32 @@ def _finite(array: np.ndarray, what: str) -> None:
 
 
 def _text(value: Any, what: str) -> np.ndarray:
-    array = np.asarray(value, dtype=object)
+    # the count along the first row is known before numpy builds millions of objects
+    check_string_count(_first_path_count(value), what)
+    try:
+        array = np.asarray(value, dtype=object)
+    except (ValueError, TypeError, RecursionError):
+        raise BadRequest(f"{what}: rows must be nested lists of strings of one shape") from None
     flat = array.reshape(-1)
+    check_string_count(flat.size, what)
     for item in flat:
         if not isinstance(item, str | bytes):
             raise BadRequest(f"{what}: expected strings (BYTES)")
     return array
+
+
+def _first_path_count(value: Any) -> int:
+    """Elements of nested lists if every level were as long as its first element is."""
+    count = 1
+    while isinstance(value, list) and value:
+        count *= len(value)
+        value = value[0]
+    return count
+
+
+def check_string_count(count: int, what: str) -> None:
+    if count > MAX_STRINGS:
+        raise BadRequest(f"{what}: {count} strings in one request; at most {MAX_STRINGS}")
 
 
 def _kind_name(kind: str) -> str:
@@ -108,13 +130,27 @@ def _kind_name(kind: str) -> str:
 
 def check_shape(array: np.ndarray, spec: TensorSpec, rows: int | None, what: str) -> None:
     """The array's shape must be (rows, *spec.shape), -1 matching any size."""
+    check_dims(array.shape, spec, rows, what)
+
+
+def check_dims(got: tuple[int, ...], spec: TensorSpec, rows: int | None, what: str) -> None:
+    """A shape (given or declared) against (rows, *spec.shape), -1 matching any size."""
     want = ((rows,) if rows is not None else ()) + spec.shape
-    got = array.shape
     if len(got) != len(want) or any(w != -1 and w != g for w, g in zip(want, got, strict=True)):
         shown = ["-1" if w == -1 else str(w) for w in want]
         raise BadRequest(
             f"{what}: shape {list(got)} does not match the model's [{', '.join(shown)}]"
         )
+
+
+def check_declared(shape: list[int], spec: TensorSpec, config: ModelConfig, what: str) -> None:
+    """A declared shape (V2) against the signature and the batch bound, before any of its
+    data is read or allocated."""
+    if not config.batched:
+        check_dims(tuple(shape), spec, None, what)
+        return
+    check_dims(tuple(shape), spec, -1, what)
+    check_rows(shape[0], config)
 
 
 def check_rows(rows: int, config: ModelConfig) -> None:
@@ -129,11 +165,16 @@ def check_rows(rows: int, config: ModelConfig) -> None:
 
 
 def element_count(shape: list[int] | tuple[int, ...]) -> int:
-    """Product of a shape's dimensions, refusing negative ones and absurd totals."""
+    """Product of a shape's dimensions, refusing negative ones, too many of them, and absurd
+    sizes (each checked on its own, so a zero cannot hide a dimension of 2**63)."""
+    if len(shape) > MAX_RANK:
+        raise BadRequest(f"shape has {len(shape)} dimensions; at most {MAX_RANK} are accepted")
     total = 1
     for dim in shape:
         if not isinstance(dim, int) or isinstance(dim, bool) or dim < 0:
             raise BadRequest(f"shape {list(shape)}: dimensions must be non-negative integers")
+        if dim > MAX_ELEMENTS:
+            raise BadRequest(f"shape {list(shape)}: dimension {dim} is too large")
         total *= dim
         if total > MAX_ELEMENTS:
             raise BadRequest(f"shape {list(shape)} has too many elements")

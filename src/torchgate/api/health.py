@@ -13,15 +13,15 @@ router = APIRouter(tags=["probes"])
 
 
 def readiness_problems(request: Request) -> list[str]:
-    """Why this replica should not get traffic now; empty when it should."""
+    """Why this replica should not get traffic now; empty when it should. About the pod
+    only: a model whose circuit is open is unavailable on its own (its model readiness and
+    its requests say so), never a reason to take every other model down with the pod."""
     state = request.app.state
     problems: list[str] = []
     if not getattr(state, "ready", False):
         problems.append("models are not loaded yet")
     if getattr(state, "draining", False):
         problems.append("draining")
-    for check in getattr(state, "readiness_checks", ()):
-        problems.extend(check())
     return problems
 
 
@@ -34,7 +34,7 @@ async def health() -> Response:
     return _json({"status": "ok"})
 
 
-@router.get("/health/ready", summary="Readiness: models loaded, breakers closed, not draining")
+@router.get("/health/ready", summary="Readiness: models loaded and warmed, not draining")
 async def ready(request: Request) -> Response:
     problems = readiness_problems(request)
     if problems:

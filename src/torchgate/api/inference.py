@@ -9,12 +9,25 @@ plain ASGI, on this project's machine); they take raw bytes and return raw bytes
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
+from typing import TypeVar
+
 import numpy as np
 from starlette.requests import Request
 
 from torchgate.api.textguard import TextPolicy
+from torchgate.serving.model_config import ModelConfig
 from torchgate.serving.registry import ModelRegistry, ServedVersion
 from torchgate.serving.service import InferenceResult, InferenceService
+
+T = TypeVar("T")
+
+# A body this large is decoded in a thread: parsing it and checking its elements (JSON
+# numbers, BYTES strings, text policy) would hold the event loop for milliseconds, and a
+# 10 MiB body for a second or more. Smaller bodies decode inline, where a thread hand-off
+# would cost more than the decoding itself.
+OFFLOAD_BYTES = 64 * 1024
 
 
 def registry_of(request: Request) -> ModelRegistry:
@@ -41,16 +54,32 @@ def resolve(request: Request, name: str | None, version: str | None) -> ServedVe
     return served
 
 
+async def decode(body: bytes, decoder: Callable[[], T]) -> T:
+    """Run a codec's `decoder` for `body`: inline when it is small, in a thread when not."""
+    if len(body) < OFFLOAD_BYTES:
+        return decoder()
+    return await asyncio.to_thread(decoder)
+
+
+def screen_text(request: Request, config: ModelConfig, inputs: list[np.ndarray]) -> None:
+    """Refuse text inputs the text policy does not allow (part of decoding: it runs off the
+    event loop with the rest when the body is large)."""
+    policy: TextPolicy = request.app.state.text_policy
+    for spec, array in zip(config.inputs, inputs, strict=True):
+        if spec.datatype == "BYTES":
+            policy.check(array, f"input {spec.name!r}")
+
+
 async def run(
     request: Request, served: ServedVersion, inputs: list[np.ndarray], rows: int
 ) -> InferenceResult:
     service: InferenceService = request.app.state.service
-    policy: TextPolicy = request.app.state.text_policy
-    for spec, array in zip(served.config.inputs, inputs, strict=True):
-        if spec.datatype == "BYTES":
-            policy.check(array, f"input {spec.name!r}")
     state = request.state
     state.rows = rows
+    key_name = getattr(state, "key_name", None)
+    # a cache scoped per key keeps each key's answers (and what it asked) to itself; a
+    # shared one must not say HIT to key B for what key A sent
+    per_key = served.config.cache.scope == "key"
     result = await service.infer(
         served,
         inputs,
@@ -58,12 +87,18 @@ async def run(
         receive=request.receive,
         cache_control=request.headers.get("cache-control"),
         canary=getattr(state, "canary", None),
+        caller=caller(request),
+        tenant=key_name if per_key and key_name else "",
     )
     state.cache = result.cache
+    state.cache_visible = per_key or not key_name
     state.queue_ms = round(result.queue_s * 1000, 3)
     state.compute_ms = round(result.compute_s * 1000, 3)
     return result
 
 
-def cache_header(result: InferenceResult) -> dict[str, str]:
-    return {"X-Cache": result.cache} if result.cache else {}
+def cache_header(request: Request, result: InferenceResult) -> dict[str, str]:
+    """`X-Cache`, unless it would tell one key what another asked (a shared cache)."""
+    if result.cache and request.state.cache_visible:
+        return {"X-Cache": result.cache}
+    return {}

@@ -84,10 +84,18 @@ def encode(result: InferenceResult) -> bytes:
 async def _predict(request: Request, name: str | None, version: str | None) -> Response:
     body = await read_body(request)
     served = inference.resolve(request, name, version)
-    inputs, rows = decode(parse_json(body), served.config)
+
+    def decoded() -> tuple[list[np.ndarray], int]:
+        inputs, rows = decode(parse_json(body), served.config)
+        inference.screen_text(request, served.config, inputs)
+        return inputs, rows
+
+    inputs, rows = await inference.decode(body, decoded)
     result = await inference.run(request, served, inputs, rows)
     return Response(
-        encode(result), media_type="application/json", headers=inference.cache_header(result)
+        encode(result),
+        media_type="application/json",
+        headers=inference.cache_header(request, result),
     )
 
 
@@ -109,6 +117,7 @@ async def model_status(name: str, registry: Registry) -> Response:
             {
                 "version": str(number),
                 "state": "AVAILABLE" if v.batcher.accepting else "UNLOADING",
+                "circuit": v.breaker.state.name.lower(),
                 "device": str(v.model.device),
                 "sha256": v.model.sha256,
             }

@@ -17,10 +17,18 @@ from starlette.responses import Response
 
 from torchgate import __version__
 from torchgate.api import binary, inference, v2_repository
-from torchgate.api.codec import check_rows, check_shape, coerce, element_count, parse_json
+from torchgate.api.codec import (
+    check_declared,
+    check_rows,
+    check_shape,
+    coerce,
+    element_count,
+    parse_json,
+)
 from torchgate.api.deps import V2_TYPES, Registry, read_body
 from torchgate.api.health import readiness_problems
 from torchgate.errors import BadRequest, ModelNotFound, ModelNotReady, Unavailable
+from torchgate.serving.breaker import BreakerState
 from torchgate.serving.datatypes import NUMPY
 from torchgate.serving.model_config import ModelConfig, TensorSpec
 from torchgate.serving.registry import ModelRegistry, ServedModel
@@ -71,7 +79,7 @@ def decode(payload: Any, config: ModelConfig, data: memoryview) -> InferRequest:
     given: dict[str, np.ndarray] = {}
     reader = binary.BinaryReader(data)
     for index, tensor in enumerate(payload["inputs"]):
-        name, array = _input(tensor, index, specs, reader)
+        name, array = _input(tensor, index, specs, config, reader)
         if name in given:
             raise BadRequest(f"input {name!r} is given twice")
         given[name] = array
@@ -86,7 +94,11 @@ def decode(payload: Any, config: ModelConfig, data: memoryview) -> InferRequest:
 
 
 def _input(
-    tensor: Any, index: int, specs: dict[str, TensorSpec], reader: binary.BinaryReader
+    tensor: Any,
+    index: int,
+    specs: dict[str, TensorSpec],
+    config: ModelConfig,
+    reader: binary.BinaryReader,
 ) -> tuple[str, np.ndarray]:
     if not isinstance(tensor, dict) or not isinstance(tensor.get("name"), str):
         raise BadRequest(f'inputs[{index}] must be an object with a "name"')
@@ -107,6 +119,7 @@ def _input(
         count = element_count(shape)
     except BadRequest as exc:
         raise BadRequest(f"{what}: {exc.message}") from None
+    check_declared(shape, spec, config, what)
     size = _parameters(tensor, what).get("binary_data_size")
     if size is not None:
         if "data" in tensor:
@@ -281,6 +294,8 @@ async def _model_ready(registry: ModelRegistry, name: str, version: str | None) 
         raise
     if not served.batcher.accepting:
         raise ModelNotReady(f"model {served.model.key} is not accepting requests")
+    if served.breaker.state is BreakerState.OPEN:
+        raise ModelNotReady(f"model {served.model.key} is failing: its circuit is open")
     return _json({"name": served.name, "version": str(served.version), "ready": True})
 
 
@@ -298,10 +313,16 @@ async def _infer(request: Request, name: str | None, version: str | None) -> Res
     body = await read_body(request, V2_TYPES)
     served = inference.resolve(request, name, version)
     header, data = binary.split(body, request.headers.get(binary.HEADER_LENGTH))
-    decoded = decode(parse_json(header), served.config, data)
+
+    def decoder() -> InferRequest:
+        decoded = decode(parse_json(header), served.config, data)
+        inference.screen_text(request, served.config, decoded.inputs)
+        return decoded
+
+    decoded = await inference.decode(body, decoder)
     result = await inference.run(request, served, decoded.inputs, decoded.rows)
     content, header_length = encode(result, decoded)
-    headers = inference.cache_header(result)
+    headers = inference.cache_header(request, result)
     if header_length is None:
         return Response(content, media_type="application/json", headers=headers)
     headers[binary.HEADER_LENGTH] = str(header_length)

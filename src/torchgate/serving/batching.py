@@ -9,7 +9,9 @@ bounded in rows (beyond it: `QueueFull`, at once), every request has a deadline 
 waits (`DeadlineExceeded`, and it is never computed; one timer, armed for the oldest
 queued request, serves the whole queue), and a caller that goes away before its batch runs
 is dropped. A failing batch is retried request by request, so one poisoned
-input fails only itself.
+input fails only itself; when no request of it succeeds, one probe forward on the
+signature's known-good input tells whether the model still works (the failures are then
+the inputs' fault) or is broken.
 
 This is torchgate's core, written here rather than taken from a library: none of the
 asyncio batching helpers bounds the queue in rows, expires queued work, or isolates a
@@ -30,7 +32,7 @@ import numpy as np
 
 from torchgate.errors import DeadlineExceeded, Draining, InferenceFailed, QueueFull
 from torchgate.metrics import BatcherMetrics
-from torchgate.serving.model import LoadedModel
+from torchgate.serving.model import LoadedModel, dummy_inputs
 from torchgate.serving.runner import Runner
 from torchgate.serving.scores import top_classes
 
@@ -76,7 +78,7 @@ class _Outcome:
     outputs: list[np.ndarray] | None = None
     error: BaseException | None = None
     compute_s: float = 0.0
-    isolated: bool = False  # failed alone while requests of its batch succeeded
+    input_fault: bool = False  # failed while the model worked on other input
     top: np.ndarray | None = None
     top_probability: np.ndarray | None = None
 
@@ -308,7 +310,7 @@ class Batcher:
                         InferenceFailed(
                             f"model {self.model.key} failed on this request "
                             f"({type(outcome.error).__name__})",
-                            isolated=outcome.isolated,
+                            input_fault=outcome.input_fault,
                         )
                     )
                 else:
@@ -326,7 +328,14 @@ class Batcher:
             self._maybe_idle()
 
     def _compute(self, batch: list[_Pending], instance: int) -> list[_Outcome]:
-        """Runs in a runner thread: one forward for the batch, or one per request if it fails."""
+        """Runs in a runner thread: one forward for the batch, or one per request if it
+        fails; failures are then judged (the input's fault or the model's)."""
+        outcomes = self._compute_batch(batch, instance)
+        if any(o.error is not None for o in outcomes):
+            self._judge(outcomes, instance)
+        return outcomes
+
+    def _compute_batch(self, batch: list[_Pending], instance: int) -> list[_Outcome]:
         rows = sum(p.rows for p in batch)
         if len(batch) > 1:
             try:
@@ -350,7 +359,7 @@ class Batcher:
                 "batch forward failed, retrying its requests one by one",
                 extra={"model": self.model.key, "rows": rows, "requests": len(batch)},
             )
-            return _mark_isolated([self._compute_one(p, instance) for p in batch])
+            return [self._compute_one(p, instance) for p in batch]
         compute_s = self.clock() - started
         self.metrics.compute.observe(compute_s)
         self.metrics.batch_size.observe(rows)
@@ -383,6 +392,22 @@ class Batcher:
             outcome.top, outcome.top_probability = top_classes(outputs[0])
         return outcome
 
+    def _judge(self, outcomes: list[_Outcome], instance: int) -> None:
+        """Mark failures as the input's fault when the model still works: another request
+        of the batch succeeded, or, when none did, a probe forward on the known-good input
+        of the signature check succeeds. A failed probe leaves them the model's."""
+        works = any(o.error is None for o in outcomes)
+        if not works:
+            probe = dummy_inputs(self.model.config, 1 if self._batched else 0)
+            try:
+                self._forward(probe, 1, instance)
+                works = True
+            except Exception:
+                log.warning("probe on known-good input failed", extra={"model": self.model.key})
+        if works:
+            for outcome in outcomes:
+                outcome.input_fault = outcome.error is not None
+
     def _forward(self, inputs: list[np.ndarray], rows: int, instance: int) -> list[np.ndarray]:
         outputs = self.model.forward(inputs, instance)
         if self._batched:
@@ -392,11 +417,3 @@ class Batcher:
                         f"model returned {out.shape[0] if out.ndim else 0} rows for {rows}"
                     )
         return outputs
-
-
-def _mark_isolated(outcomes: list[_Outcome]) -> list[_Outcome]:
-    """Failures of a retried batch whose other requests succeeded belong to their input."""
-    if any(o.error is None for o in outcomes):
-        for outcome in outcomes:
-            outcome.isolated = outcome.error is not None
-    return outcomes

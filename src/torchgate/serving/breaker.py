@@ -1,9 +1,15 @@
 """`CircuitBreaker`: stops sending work to a model version that keeps failing.
 
-Closed -> open after `failures` consecutive server-side failures (a model exception or a
-request that expired in the queue); open -> half-open once `cooldown_s` has passed;
-half-open lets `probes` requests through and closes on the first success or re-opens on
-a failure. Client errors and load shed by a full queue never count.
+Closed -> open after `failures` consecutive failures that count against the model;
+open -> half-open once `cooldown_s` has passed; half-open lets `probes` requests through
+and closes on the first success or re-opens on a counted failure. Client errors and load
+shed by a full queue never count. A failure that may be the input's fault (the model
+still works on other input, or a request expired in the queue) is `suspect`: it counts
+only when several distinct callers have had one lately (`blame.CallerSpread`), so that
+one caller cannot take a model out of service.
+
+An open circuit makes its model version unavailable (503); it never makes the pod unready:
+readiness is about the pod, and every model on it would go down with one.
 
 Hand-written rather than pybreaker or purgatory: pybreaker is synchronous and guards
 calls by wrapping them, purgatory keeps its own storage layer; this state machine is 60
@@ -18,6 +24,7 @@ from collections.abc import Callable
 from enum import Enum
 
 from torchgate.errors import CircuitOpen
+from torchgate.serving.blame import CallerSpread
 
 
 class BreakerState(Enum):
@@ -34,6 +41,7 @@ class CircuitBreaker:
         failures: int = 5,
         cooldown_s: float = 30.0,
         probes: int = 1,
+        min_callers: int = 3,
         clock: Callable[[], float] = time.monotonic,
         on_change: Callable[[BreakerState], None] = lambda state: None,
     ) -> None:
@@ -47,6 +55,7 @@ class CircuitBreaker:
         self._consecutive = 0
         self._opened_at = 0.0
         self._probing = 0
+        self._spread = CallerSpread(min_callers=min_callers, clock=clock)
 
     @property
     def state(self) -> BreakerState:
@@ -83,6 +92,15 @@ class CircuitBreaker:
             self._open()
         elif self._state is BreakerState.CLOSED and self._consecutive >= self.failures:
             self._open()
+
+    def suspect(self, caller: str) -> bool:
+        """A failure that may be `caller`'s input's fault: a `failure` once distinct callers
+        have had them lately, otherwise a `release`. Returns whether it counted."""
+        if self._spread.failed(caller):
+            self.failure()
+            return True
+        self.release()
+        return False
 
     def release(self) -> None:
         """A request let through ended without a verdict (client error, shed, cache hit)."""

@@ -1,7 +1,8 @@
 """`InferenceCache`: content-addressed, row-by-row result cache with an optional Redis tier.
 
 A row's key is the SHA-256 of one canonical layout: the model's name, version and file
-digest, then for each input its name, datatype, row shape and raw bytes. (Python's
+digest, the tenant (the API key's name when the model's cache is scoped per key, else
+empty), then for each input its name, datatype, row shape and raw bytes. (Python's
 `hash()` is salted per process, collides, and cannot be shared between replicas.) Each
 version has its own in-process `TTLCache` (cachetools: TTL plus an LRU size bound); with
 `TORCHGATE_REDIS_URL` a shared Redis tier sits behind it, so a row computed on one
@@ -74,7 +75,7 @@ def key_prefix(model: LoadedModel) -> tuple[Any, list[bytes]]:
     part: the same for every row of a version, so a cache computes them once."""
     prefix = hashlib.sha256()
     for part in (
-        b"torchgate-row-v1",
+        b"torchgate-row-v2",
         model.name.encode(),
         str(model.version).encode(),
         model.sha256.encode(),
@@ -94,9 +95,13 @@ def row_keys(
     inputs: list[np.ndarray],
     rows: int,
     prefix: tuple[Any, list[bytes]] | None = None,
+    tenant: str = "",
 ) -> list[bytes]:
     """One SHA-256 digest per row over the canonical layout described above."""
     start, specs = prefix or key_prefix(model)
+    owner = tenant.encode()
+    start = start.copy()
+    start.update(struct.pack("<I", len(owner)) + owner)
     batched = model.config.batched
     keys = []
     for i in range(rows):
@@ -212,12 +217,18 @@ class VersionCache:
         self._local.clear()
 
     async def run(
-        self, inputs: list[np.ndarray], rows: int, policy: CachePolicy, compute: Compute
+        self,
+        inputs: list[np.ndarray],
+        rows: int,
+        policy: CachePolicy,
+        compute: Compute,
+        tenant: str = "",
     ) -> tuple[list[np.ndarray], str | None]:
-        """The outputs for all rows, computing only those that miss; and HIT/MISS/PARTIAL."""
+        """The outputs for all rows, computing only those that miss; and HIT/MISS/PARTIAL.
+        `tenant` namespaces the entries (a key's own, or "" for the shared ones)."""
         if not self.enabled or policy is CachePolicy.BYPASS:
             return await compute(inputs, rows), None
-        keys = row_keys(self.model, inputs, rows, self._key_prefix)
+        keys = row_keys(self.model, inputs, rows, self._key_prefix, tenant)
         found: list[Row | None] = [None] * rows
         joined: dict[int, asyncio.Future[Row]] = {}
         if policy is CachePolicy.USE:

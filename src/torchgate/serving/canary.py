@@ -7,6 +7,8 @@ or client address) hashes (BLAKE2b, stable across processes and restarts, unlike
 weight, so one caller keeps seeing one version while the weight holds, and raising the
 weight only moves more callers over. The canary's outcomes (a server-side failure:
 `InferenceFailed`, `DeadlineExceeded`, `CircuitOpen`; and latency) fill a sliding window
+(failures that may be the input's fault count only once several callers have them, as
+for the circuit breaker: `blame.CallerSpread`)
 (the last `max(min_requests, 100)` outcomes, none older than `window_s`):
 
 - once the window holds a few outcomes (`min(20, min_requests)`), an error rate over
@@ -34,6 +36,7 @@ from enum import Enum
 from typing import Any
 
 from torchgate.metrics import Metrics
+from torchgate.serving.blame import CallerSpread
 from torchgate.serving.model_config import CanaryConfig
 from torchgate.serving.repository import ModelFolder
 
@@ -103,6 +106,7 @@ class Canary:
         self._slow = 0
         self._since_step = 0
         self._salt = f"{model}/{self.version}"
+        self._spread = CallerSpread(clock=clock)
         self._gauge(self.weight)
 
     # the request path -------------------------------------------------------------------
@@ -136,6 +140,12 @@ class Canary:
             self._rollback(problem)
         elif self._since_step >= self.policy.min_requests:
             self._step()
+
+    def suspect(self, caller: str, latency_s: float) -> None:
+        """A failure that may be the input's fault: recorded as one only when several
+        callers have had them lately; otherwise not recorded at all."""
+        if self._spread.failed(caller):
+            self.record(True, latency_s)
 
     # decisions --------------------------------------------------------------------------
 

@@ -86,6 +86,20 @@ class LoadedModel:
         return arrays
 
 
+def dummy_inputs(config: ModelConfig, rows: int) -> list[np.ndarray]:
+    """Zeros (empty strings for BYTES) in the declared shapes, -1 taken as 1: the input the
+    signature check ran at load, so known to work. `rows` 0: no batch dimension."""
+    arrays = []
+    for spec in config.inputs:
+        dims = tuple(1 if d == -1 else d for d in spec.shape)
+        full = ((rows,) if rows else ()) + dims
+        if spec.datatype == "BYTES":
+            arrays.append(np.full(full, "", dtype=object))
+        else:
+            arrays.append(np.zeros(full, dtype=NUMPY[spec.datatype]))
+    return arrays
+
+
 def _text(value: object) -> str:
     if isinstance(value, bytes | bytearray | memoryview):
         return bytes(value).decode("utf-8", errors="replace")

@@ -54,6 +54,9 @@ class BatchingConfig(_Strict):
 class CacheConfig(_Strict):
     ttl_s: float = Field(300.0, ge=0)
     max_entries: int = Field(10_000, ge=1)
+    # "key": each API key has its own entries, so no key learns what another asked;
+    # "shared": every key hits every entry (more hits; a hit then says someone sent it)
+    scope: Literal["key", "shared"] = "key"
 
 
 class ValidationConfig(_Strict):

@@ -79,6 +79,9 @@ class ModelRegistry:
         self.metrics = metrics
         self.cache = cache
         self._models: dict[str, ServedModel] = {}
+        # one load or unload of a model at a time: two concurrent loads would each replace
+        # what the other had started, and the superseded versions would never be stopped
+        self._locks: dict[str, asyncio.Lock] = {}
 
     # what is served ----------------------------------------------------------------------
 
@@ -177,12 +180,23 @@ class ModelRegistry:
         self.metrics.models_loaded.set(len(self.versions()))
         return served
 
+    def _lock(self, name: str) -> asyncio.Lock:
+        lock = self._locks.get(name)
+        if lock is None:
+            lock = self._locks[name] = asyncio.Lock()
+        return lock
+
     async def load(self, name: str) -> ServedModel:
         """(Re)load a model from the repository without blocking the loop.
 
         New versions and versions whose file changed must pass the accuracy gate when the
         model has a validation.npz: one that fails is not served; when none is left (or
-        the configured default failed) the load fails and what is served stays."""
+        the configured default failed) the load fails and what is served stays. Loads and
+        unloads of one model run one at a time."""
+        async with self._lock(name):
+            return await self._load(name)
+
+    async def _load(self, name: str) -> ServedModel:
         old = self._models.get(name)
         current = {} if old is None else {n: v.model for n, v in old.versions.items()}
         default = None if old is None else current[old.default_version]
@@ -195,6 +209,10 @@ class ModelRegistry:
         return served
 
     async def unload(self, name: str) -> None:
+        async with self._lock(name):
+            await self._unload(name)
+
+    async def _unload(self, name: str) -> None:
         served = self.get(name)
         del self._models[name]
         self.metrics.models_loaded.set(len(self.versions()))
@@ -274,6 +292,7 @@ class ModelRegistry:
             model.key,
             failures=s.breaker_failures,
             cooldown_s=s.breaker_cooldown_s,
+            min_callers=s.breaker_min_callers,
             on_change=on_change,
         )
         return ServedVersion(model, batcher, self.cache.for_version(model), breaker)

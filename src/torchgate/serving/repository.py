@@ -7,19 +7,18 @@ included) must stay inside the root. Every problem is a `ModelLoadError` naming 
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import tomllib
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pydantic
 import torch
 
 from torchgate.errors import ModelLoadError
-from torchgate.serving.datatypes import NUMPY
-from torchgate.serving.model import LoadedModel, parameter_bytes
+from torchgate.serving.model import LoadedModel, dummy_inputs, parameter_bytes
 from torchgate.serving.model_config import MODEL_NAME, ModelConfig
 
 log = logging.getLogger("torchgate.repository")
@@ -133,7 +132,9 @@ class ModelRepository:
         # One copy per runner on a GPU so runners never share a stream; CPU runners share one.
         copies = (instances or config.batching.instances) if device.type == "cuda" else 1
         before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
-        modules = [self._jit_load(path, device) for _ in range(copies)]
+        # loaded from the very bytes that were hashed: reading the path again would let a
+        # file swapped in between be served under the pinned digest
+        modules = [self._jit_load(path, data, device) for _ in range(copies)]
         model = LoadedModel(name, version, config, path, device, modules, digest)
         self._check_signature(model)
         gpu_bytes = torch.cuda.memory_allocated(device) - before if device.type == "cuda" else 0
@@ -156,12 +157,12 @@ class ModelRepository:
         return resolved
 
     @staticmethod
-    def _jit_load(path: Path, device: torch.device) -> torch.jit.ScriptModule:
+    def _jit_load(path: Path, data: bytes, device: torch.device) -> torch.jit.ScriptModule:
         try:
             with warnings.catch_warnings():
                 # TorchScript is the format torchgate serves; torch 2.9+ flags it deprecated
                 warnings.filterwarnings("ignore", r"`torch\.jit\.load` is deprecated")
-                module = torch.jit.load(str(path), map_location=device)
+                module = torch.jit.load(io.BytesIO(data), map_location=device)
         except Exception as exc:  # torch raises RuntimeError, ValueError or worse on bad files
             problem = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ModelLoadError(
@@ -180,7 +181,7 @@ class ModelRepository:
             else [0]
         )
         for rows in sizes:
-            inputs = [_dummy(spec.shape, spec.datatype, rows) for spec in config.inputs]
+            inputs = dummy_inputs(config, rows)
             for _ in range(WARMUP_ROUNDS):
                 try:
                     outputs = model.forward(inputs)
@@ -199,11 +200,3 @@ class ModelRepository:
                         f"output {spec.name!r} has shape {list(out.shape)}, "
                         f"model.toml declares {list(want)}",
                     )
-
-
-def _dummy(shape: tuple[int, ...], datatype: str, rows: int) -> np.ndarray:
-    dims = tuple(1 if d == -1 else d for d in shape)
-    full = ((rows,) if rows else ()) + dims
-    if datatype == "BYTES":
-        return np.full(full, "", dtype=object)
-    return np.zeros(full, dtype=NUMPY[datatype])

@@ -70,9 +70,13 @@ class InferenceService:
         receive: Receive | None = None,
         cache_control: str | None = None,
         canary: Canary | None = None,
+        caller: str = "",
+        tenant: str = "",
     ) -> InferenceResult:
         """Cache, then breaker, then batcher, for the rows the cache does not have.
-        `canary`: the rollout that routed this request to its version, to record with."""
+        `canary`: the rollout that routed this request to its version, to record with;
+        `caller`: who sent it (a key's name or an address), for failures that may be the
+        input's fault; `tenant`: the cache's namespace ("" for the one every caller shares)."""
         if self._draining():
             self.metrics.shed.labels(served.name, "draining").inc()
             raise Draining()
@@ -95,15 +99,16 @@ class InferenceService:
                 else:
                     result = await _unless_disconnected(future, receive)
             except InferenceFailed as exc:
-                # a poisoned input that failed alone in a batch that otherwise succeeded
-                # says nothing about the model's health: no verdict for the breaker
-                if exc.isolated:
-                    breaker.release()
+                # the model worked on other input meanwhile: the input may be at fault, and
+                # counts only when several callers fail so (see breaker.py)
+                if exc.input_fault:
+                    breaker.suspect(caller)
                 else:
                     breaker.failure()
                 raise
             except DeadlineExceeded:
-                breaker.failure()
+                # one caller's slow inputs can expire its own requests: suspect too
+                breaker.suspect(caller)
                 raise
             except BaseException:  # client errors, shed load, disconnects: no verdict
                 breaker.release()
@@ -114,8 +119,10 @@ class InferenceService:
             return result.outputs
 
         policy = CachePolicy.from_header(cache_control)
-        work = served.cache.run(inputs, rows, policy, compute)
-        answer.outputs, answer.cache = await (work if canary is None else _watched(canary, work))
+        work = served.cache.run(inputs, rows, policy, compute, tenant)
+        answer.outputs, answer.cache = await (
+            work if canary is None else _watched(canary, work, caller)
+        )
         self._label(answer)
         if served.drift is not None:
             served.drift.observe(inputs[0], answer.top)
@@ -143,13 +150,23 @@ class InferenceService:
                 by_class[index].inc(int(count))
 
 
-async def _watched(canary: Canary, work: Awaitable[T]) -> T:
+async def _watched(canary: Canary, work: Awaitable[T], caller: str) -> T:
     """Await `work`, recording its outcome with the canary: a failure is a server-side one
-    of the model path (the model raised, the deadline passed, the circuit is open)."""
+    of the model path (the model raised, the deadline passed, the circuit is open); one
+    that may be the input's fault counts only as the breaker's do (`Canary.suspect`)."""
     started = time.perf_counter()
     try:
         result = await work
-    except (InferenceFailed, DeadlineExceeded, CircuitOpen):
+    except InferenceFailed as exc:
+        if exc.input_fault:
+            canary.suspect(caller, time.perf_counter() - started)
+        else:
+            canary.record(True, time.perf_counter() - started)
+        raise
+    except DeadlineExceeded:
+        canary.suspect(caller, time.perf_counter() - started)
+        raise
+    except CircuitOpen:
         canary.record(True, time.perf_counter() - started)
         raise
     canary.record(False, time.perf_counter() - started)
