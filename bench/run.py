@@ -19,7 +19,8 @@ TORCHGATE_CACHE_TTL_S=0, half the requests repeating one of 32 earlier inputs, a
 on, off, on, off, ..., --cache-rounds times each (3; 1 with --quick), judged on each
 scenario's median rps ("cache-on rps >= 1.5x cache-off"). The V2 cell, mlp_wide with
 64-row V2 requests, JSON against the binary tensor extension (cache off, same body each
-time), skipped while the V2 endpoint answers 404.
+time), skipped while the V2 endpoint answers 404. The image cell (bench/images.py): digits
+from JPEG bodies at 64 connections, images/s and the p99 of /health probed meanwhile.
 
 Writes bench/results/results.json, bench/results/bench.png and the servers' logs beside
 them (a round's log ends in -r1, -r2, ...: torchgate-digits-r1.log,
@@ -30,7 +31,8 @@ failing).
 
     .venv/bin/python bench/run.py [--quick] [--duration 10] [--models digits,mlp_wide]
                                   [--concurrency 1,16,64] [--rounds 3] [--no-cache-cell]
-                                  [--no-v2-cell] [--cache-concurrency 64] [--cache-rounds 3]
+                                  [--no-v2-cell] [--no-image-cell] [--cache-concurrency 64]
+                                  [--cache-rounds 3]
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from typing import Any
 
 import torch
 from cells import Plan, measure_cache, measure_main, measure_v2
+from images import measure_images
 from load import (
     Cell,
     HarnessError,
@@ -123,6 +126,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "compared by their medians (default 3, --quick 1)",
     )
     p.add_argument("--v2-cell", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument(
+        "--image-cell",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="digits from JPEGs at 64 connections, /health probed meanwhile",
+    )
     p.add_argument("--v2-concurrency", type=_positive, default=8, help="64-row requests at once")
     p.add_argument(
         "--server-log-level",
@@ -200,6 +209,10 @@ def bench(args: argparse.Namespace) -> int:
                 checks += checked
             if model == "mlp_wide" and args.v2_cell:
                 new, checked = measure_v2(plan, work, repository, module)
+                cells += new
+                checks += checked
+            if model == "digits" and args.image_cell:
+                new, checked = measure_images(plan, repository)
                 cells += new
                 checks += checked
 

@@ -34,7 +34,9 @@ def test_model_toml_missing_a_field_stops_serve(tmp_path: Path):
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
-    assert "digits/model.toml" in lines[0] and "inputs.0.datatype" in lines[0]
+    assert (
+        "digits/model.toml" in lines[0] and "inputs[0].datatype: required, and missing" in lines[0]
+    )
 
 
 def test_shape_mismatch_stops_serve(tmp_path: Path):

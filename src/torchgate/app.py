@@ -75,7 +75,9 @@ def create_app(settings: Settings, *, models: dict[str, ModelFolder] | None = No
         # 5 ms) each time; under load that halved mlp_wide's forward rate. See README.
         switch_interval = sys.getswitchinterval()
         sys.setswitchinterval(settings.gil_switch_ms / 1000)
-        repository = ModelRepository(settings.models, settings.device)
+        repository = ModelRepository(
+            settings.models, settings.device, max_tokens=settings.max_tokens
+        )
         cache = InferenceCache(
             metrics, redis_url=settings.redis_url, ttl_override_s=settings.cache_ttl_s
         )

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import pydantic
 import uvicorn
 
-from torchgate import __version__, logs
+from torchgate import __version__, logs, problems
 from torchgate.config import RATE_PATTERN, Settings
 from torchgate.errors import ModelLoadError
 from torchgate.keys import KeyFileError, KeyStore, key_file_entry, new_key
@@ -95,8 +95,7 @@ def serve(args: argparse.Namespace) -> int:
     try:
         settings = _settings(args)
     except pydantic.ValidationError as exc:
-        first = exc.errors()[0]
-        return _fail(f"setting {'.'.join(map(str, first['loc']))}: {first['msg']}")
+        return _fail(f"settings: {problems.describe(exc)}")
     logs.configure(settings.log_level)
     if settings.auth == "on":
         try:
@@ -116,7 +115,9 @@ def serve(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(torch_threads(settings))
     try:
-        models = ModelRepository(settings.models, settings.device).load_all()
+        models = ModelRepository(
+            settings.models, settings.device, max_tokens=settings.max_tokens
+        ).load_all()
     except ModelLoadError as exc:
         return _fail(str(exc))
     app = create_app(settings, models=models)
@@ -214,8 +215,7 @@ def validate(args: argparse.Namespace) -> int:
     try:
         limits = ValidationConfig(**(bounds | {k: v for k, v in given.items() if v is not None}))
     except pydantic.ValidationError as exc:
-        first = exc.errors()[0]
-        return _fail(f"--{str(first['loc'][0]).replace('_', '-')}: {first['msg']}")
+        return _fail(problems.describe(exc, lambda key: "--" + key.replace("_", "-")))
     against = validation.baseline_version(config, versions, version)
     try:
         candidate = repository.load_version(name, version, config)

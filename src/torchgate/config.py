@@ -45,6 +45,7 @@ class Settings(BaseSettings):
     max_header_bytes: int = Field(64 * 1024, ge=1024, description="request line and headers")
     max_headers: int = Field(100, ge=8, description="header fields in one request")
     max_text_length: int = Field(10_000, ge=1)
+    max_tokens: int = Field(10_000, ge=1, description="ceiling on tokens per text, every model")
     deny_phrases: str | None = Field(None, description="comma-separated phrases to refuse")
 
     # shared state and resilience

@@ -24,6 +24,7 @@ from typing import Literal
 
 import pydantic
 
+from torchgate import problems
 from torchgate.config import RATE_PATTERN
 
 Scope = Literal["infer", "admin"]
@@ -109,9 +110,7 @@ class KeyStore:
         except tomllib.TOMLDecodeError as exc:
             raise KeyFileError(f"{file}: not valid TOML ({exc})") from None
         except pydantic.ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"])
-            raise KeyFileError(f"{file}: {where}: {first['msg']}") from None
+            raise KeyFileError(f"{file}: {problems.describe(exc)}") from None
         return [
             ApiKey(e.name, bytes.fromhex(e.sha256), frozenset(e.scopes), e.rate_limit)
             for e in parsed.keys

@@ -165,6 +165,21 @@ class Metrics:
             registry=registry,
         )
 
+        # processors
+        self.preprocess = Histogram(
+            "torchgate_preprocess_seconds",
+            "Time to turn a request's images or texts into model inputs",
+            ["model"],
+            buckets=FAST_BUCKETS,
+            registry=registry,
+        )
+        self.preprocess_refusals = Counter(
+            "torchgate_preprocess_refusals_total",
+            "Images and texts refused before the model, by reason",
+            ["model", "reason"],
+            registry=registry,
+        )
+
         # cache and circuit breaker
         self.cache_requests = Counter(
             "torchgate_cache_requests_total",

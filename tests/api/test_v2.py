@@ -172,6 +172,11 @@ def test_model_metadata(client):
         "platform": "pytorch_libtorch",
         "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, 1, 8, 8]}],
         "outputs": [{"name": "logits", "datatype": "FP32", "shape": [-1, 10]}],
+        # what a request may carry instead: a picture of a digit ([preprocess])
+        "preprocess": {
+            "kind": "image",
+            "inputs": [{"name": "image", "datatype": "BYTES", "shape": [-1, 1]}],
+        },
     }
     assert client.get("/v2/models/digits/versions/1").json() == digits
     pair = client.get("/v2/models/pair").json()

@@ -20,6 +20,7 @@ import pydantic
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
+from torchgate import problems
 from torchgate.api.codec import parse_json
 from torchgate.api.deps import Registry, read_body
 from torchgate.errors import BadRequest, ModelNotFound
@@ -56,10 +57,8 @@ async def set_canary(name: str, request: Request, registry: Registry) -> Respons
     try:
         update = CanaryUpdate.model_validate(parse_json(await read_body(request)))
     except pydantic.ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "body"
         raise BadRequest(
-            f'{where}: {first["msg"]} (send {{"weight": 0.5, "version": 2}})'
+            f'{problems.describe(exc)} (send {{"weight": 0.5, "version": 2}})'
         ) from None
     try:
         canary = registry.set_canary(name, update.weight, update.version)

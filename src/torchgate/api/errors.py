@@ -11,6 +11,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
+from torchgate import problems
 from torchgate.errors import TorchgateError
 
 log = logging.getLogger("torchgate.errors")
@@ -47,9 +48,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> Response:
-        first = exc.errors()[0] if exc.errors() else {}
-        where = ".".join(str(p) for p in first.get("loc", ()))
-        return error_response(400, f"invalid request: {where}: {first.get('msg', 'invalid')}")
+        return error_response(400, f"invalid request: {problems.describe(exc)}")
 
     @app.exception_handler(ClientDisconnect)
     async def _gone(request: Request, exc: ClientDisconnect) -> Response:

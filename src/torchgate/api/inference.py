@@ -17,7 +17,10 @@ import numpy as np
 from starlette.requests import Request
 
 from torchgate.api.textguard import TextPolicy
-from torchgate.serving.model_config import ModelConfig
+from torchgate.errors import BadRequest
+from torchgate.metrics import Metrics
+from torchgate.processors.config import ImagePreprocess
+from torchgate.serving.model_config import TensorSpec
 from torchgate.serving.registry import ModelRegistry, ServedVersion
 from torchgate.serving.service import InferenceResult, InferenceService
 
@@ -61,18 +64,40 @@ async def decode(body: bytes, decoder: Callable[[], T]) -> T:
     return await asyncio.to_thread(decoder)
 
 
-def screen_text(request: Request, config: ModelConfig, inputs: list[np.ndarray]) -> None:
+def screen_text(
+    request: Request,
+    served: ServedVersion,
+    inputs: list[np.ndarray],
+    specs: tuple[TensorSpec, ...],
+    processed: bool = False,
+) -> None:
     """Refuse text inputs the text policy does not allow (part of decoding: it runs off the
-    event loop with the rest when the body is large)."""
+    event loop with the rest when the body is large). `specs`: what `inputs` were decoded
+    as; `processed`: they are the preprocessor's (encoded images are not text)."""
+    config = served.config
+    if processed and isinstance(config.preprocess, ImagePreprocess):
+        return
     policy: TextPolicy = request.app.state.text_policy
-    for spec, array in zip(config.inputs, inputs, strict=True):
+    for spec, array in zip(specs, inputs, strict=True):
         if spec.datatype == "BYTES":
-            policy.check(array, f"input {spec.name!r}")
+            try:
+                policy.check(array, f"input {spec.name!r}")
+            except BadRequest:
+                if config.preprocess is not None:
+                    metrics: Metrics = request.app.state.metrics
+                    metrics.preprocess_refusals.labels(served.name, "text_policy").inc()
+                raise
 
 
 async def run(
-    request: Request, served: ServedVersion, inputs: list[np.ndarray], rows: int
+    request: Request,
+    served: ServedVersion,
+    inputs: list[np.ndarray],
+    rows: int,
+    material: list[bytes] | None = None,
 ) -> InferenceResult:
+    """Run decoded inputs through the service; `material`: what a preprocessor made each
+    row from (the cache keys rows by it)."""
     service: InferenceService = request.app.state.service
     state = request.state
     state.rows = rows
@@ -89,6 +114,7 @@ async def run(
         canary=getattr(state, "canary", None),
         caller=caller(request),
         tenant=key_name if per_key and key_name else "",
+        material=material,
     )
     state.cache = result.cache
     state.cache_visible = per_key or not key_name

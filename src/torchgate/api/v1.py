@@ -10,11 +10,13 @@ import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from torchgate.api import inference
+from torchgate.api import inference, prepare
 from torchgate.api.codec import check_rows, check_shape, coerce, parse_json
-from torchgate.api.deps import Registry, read_body
-from torchgate.errors import BadRequest
+from torchgate.api.deps import V1_TYPES, Registry, media_type, read_body
+from torchgate.errors import BadRequest, UnsupportedMediaType
+from torchgate.processors.image import MEDIA_TYPES
 from torchgate.serving.model_config import ModelConfig
+from torchgate.serving.registry import ServedVersion
 from torchgate.serving.service import InferenceResult
 
 router = APIRouter(tags=["v1"])
@@ -61,6 +63,11 @@ def encode(result: InferenceResult) -> bytes:
     served = result.served
     config = served.config
     outputs = [o if config.batched else o[np.newaxis] for o in result.outputs]
+    post = served.model.postprocessor
+    top: dict[str, Any] = {}
+    if post is not None:
+        top = post.top(outputs[0])
+        outputs[0] = post.predictions(outputs[0])
     outputs = [np.ascontiguousarray(o) for o in outputs]
     if len(outputs) == 1:
         predictions: Any = outputs[0]
@@ -75,27 +82,59 @@ def encode(result: InferenceResult) -> bytes:
         "model_name": served.name,
         "model_version": str(served.version),
     }
-    if result.top is not None and config.labels is not None:
+    if top:
+        body.update(top)
+    elif result.top is not None and config.labels is not None:
         body["labels"] = [config.labels[i] for i in result.top.tolist()]
         body["probabilities"] = result.top_probability
     return orjson.dumps(body, option=_DUMPS)
 
 
 async def _predict(request: Request, name: str | None, version: str | None) -> Response:
-    body = await read_body(request)
+    body = await read_body(request, V1_TYPES)
     served = inference.resolve(request, name, version)
+    pre = served.model.preprocessor
+    media = media_type(request)
+    if media in MEDIA_TYPES:  # a raw image body: one row
+        if pre is None or media not in pre.media_types:
+            taken = ", ".join(pre.media_types) if pre is not None and pre.media_types else "JSON"
+            raise UnsupportedMediaType(f"model {served.name} takes {taken}, not {media}")
+        result = await _processed(request, served, [body])
+    else:
 
-    def decoded() -> tuple[list[np.ndarray], int]:
-        inputs, rows = decode(parse_json(body), served.config)
-        inference.screen_text(request, served.config, inputs)
-        return inputs, rows
+        def decoded() -> tuple[list[np.ndarray], int] | list[object]:
+            payload = parse_json(body)
+            if prepare.v1_wants_processor(payload, served.config):
+                items = prepare.v1_items(payload, served.config)
+                specs = served.config.processor_inputs
+                assert specs is not None
+                arrays = [np.array(items, dtype=object)]
+                inference.screen_text(request, served, arrays, specs, processed=True)
+                return items
+            inputs, rows = decode(payload, served.config)
+            inference.screen_text(request, served, inputs, served.config.inputs)
+            return inputs, rows
 
-    inputs, rows = await inference.decode(body, decoded)
-    result = await inference.run(request, served, inputs, rows)
+        found = await inference.decode(body, decoded)
+        if isinstance(found, list):
+            result = await _processed(request, served, found)
+        else:
+            inputs, rows = found
+            result = await inference.run(request, served, inputs, rows)
     return Response(
         encode(result),
         media_type="application/json",
         headers=inference.cache_header(request, result),
+    )
+
+
+async def _processed(
+    request: Request, served: ServedVersion, items: list[object]
+) -> InferenceResult:
+    """Images or texts through the model's preprocessor, then the request path."""
+    prepared = await prepare.prepare(request, served, items)
+    return await inference.run(
+        request, served, prepared.inputs, prepared.rows, material=prepared.keys
     )
 
 

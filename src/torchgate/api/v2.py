@@ -16,7 +16,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from torchgate import __version__
-from torchgate.api import binary, inference, v2_repository
+from torchgate.api import binary, inference, prepare, v2_repository
 from torchgate.api.codec import (
     check_declared,
     check_rows,
@@ -65,17 +65,24 @@ class InferRequest:
 # the codec ----------------------------------------------------------------------------------
 
 
-def decode(payload: Any, config: ModelConfig, data: memoryview) -> InferRequest:
-    """A V2 request (JSON header plus its binary part) checked against the signature."""
+def decode(
+    payload: Any,
+    config: ModelConfig,
+    data: memoryview,
+    inputs: tuple[TensorSpec, ...] | None = None,
+) -> InferRequest:
+    """A V2 request (JSON header plus its binary part) checked against the signature (or
+    against `inputs`, the preprocessor's, when the request carries those)."""
     if not isinstance(payload, dict) or not isinstance(payload.get("inputs"), list):
         raise BadRequest(_ENVELOPE)
+    signature = config.inputs if inputs is None else inputs
     request_id = payload.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise BadRequest('"id" must be a string')
     binary_output = _parameters(payload, "request").get("binary_data_output", False)
     if not isinstance(binary_output, bool):
         raise BadRequest("binary_data_output must be true or false")
-    specs = {s.name: s for s in config.inputs}
+    specs = {s.name: s for s in signature}
     given: dict[str, np.ndarray] = {}
     reader = binary.BinaryReader(data)
     for index, tensor in enumerate(payload["inputs"]):
@@ -84,11 +91,11 @@ def decode(payload: Any, config: ModelConfig, data: memoryview) -> InferRequest:
             raise BadRequest(f"input {name!r} is given twice")
         given[name] = array
     reader.finish()
-    for spec in config.inputs:
+    for spec in signature:
         if spec.name not in given:
             raise BadRequest(f"input {spec.name!r} is missing")
-    arrays = [given[s.name] for s in config.inputs]
-    rows = _rows(arrays, config)
+    arrays = [given[s.name] for s in signature]
+    rows = _rows(arrays, config, signature)
     wanted = _outputs(payload.get("outputs"), config, binary_output)
     return InferRequest(arrays, rows, wanted, request_id)
 
@@ -133,14 +140,14 @@ def _input(
     return name, array.reshape(shape)
 
 
-def _rows(arrays: list[np.ndarray], config: ModelConfig) -> int:
+def _rows(arrays: list[np.ndarray], config: ModelConfig, signature: tuple[TensorSpec, ...]) -> int:
     """The batch size (the first dimension, the same for every input) after shape checks."""
     if not config.batched:
-        for spec, array in zip(config.inputs, arrays, strict=True):
+        for spec, array in zip(signature, arrays, strict=True):
             check_shape(array, spec, None, f"input {spec.name!r}")
         return 1
     rows = arrays[0].shape[0] if arrays[0].ndim else -1
-    for spec, array in zip(config.inputs, arrays, strict=True):
+    for spec, array in zip(signature, arrays, strict=True):
         check_shape(array, spec, rows, f"input {spec.name!r}")
     check_rows(rows, config)
     return rows
@@ -265,13 +272,20 @@ def model_metadata(served: ServedModel) -> dict[str, Any]:
     def tensor(spec: TensorSpec) -> dict[str, Any]:
         return {"name": spec.name, "datatype": spec.datatype, "shape": [*batch, *spec.shape]}
 
-    return {
+    body: dict[str, Any] = {
         "name": served.name,
         "versions": [str(v) for v in sorted(served.versions)],
         "platform": PLATFORM,
         "inputs": [tensor(s) for s in config.inputs],
         "outputs": [tensor(s) for s in config.outputs],
     }
+    if config.processor_inputs is not None and config.preprocess is not None:
+        # torchgate's own field: what a request may carry instead of the inputs above
+        body["preprocess"] = {
+            "kind": config.preprocess.kind,
+            "inputs": [tensor(s) for s in config.processor_inputs],
+        }
+    return body
 
 
 @router.get("/v2/models/{name}", summary="Model metadata")
@@ -314,13 +328,24 @@ async def _infer(request: Request, name: str | None, version: str | None) -> Res
     served = inference.resolve(request, name, version)
     header, data = binary.split(body, request.headers.get(binary.HEADER_LENGTH))
 
-    def decoder() -> InferRequest:
-        decoded = decode(parse_json(header), served.config, data)
-        inference.screen_text(request, served.config, decoded.inputs)
-        return decoded
+    def decoder() -> tuple[InferRequest, bool]:
+        payload = parse_json(header)
+        processed = prepare.v2_wants_processor(payload, served.config)
+        specs = served.config.processor_inputs if processed else served.config.inputs
+        assert specs is not None
+        decoded = decode(payload, served.config, data, specs)
+        inference.screen_text(request, served, decoded.inputs, specs, processed)
+        return decoded, processed
 
-    decoded = await inference.decode(body, decoder)
-    result = await inference.run(request, served, decoded.inputs, decoded.rows)
+    decoded, processed = await inference.decode(body, decoder)
+    if not processed:
+        result = await inference.run(request, served, decoded.inputs, decoded.rows)
+    else:
+        items = prepare.v2_items(decoded.inputs[0])
+        prepared = await prepare.prepare(request, served, items)
+        result = await inference.run(
+            request, served, prepared.inputs, prepared.rows, material=prepared.keys
+        )
     content, header_length = encode(result, decoded)
     headers = inference.cache_header(request, result)
     if header_length is None:

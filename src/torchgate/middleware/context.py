@@ -92,7 +92,16 @@ def _log_request(
     }
     if trace:
         fields["trace_id"] = trace.group(1)
-    for key in ("model", "version", "rows", "cache", "queue_ms", "compute_ms", "key_name"):
+    for key in (
+        "model",
+        "version",
+        "rows",
+        "cache",
+        "preprocess_ms",
+        "queue_ms",
+        "compute_ms",
+        "key_name",
+    ):
         if key in state:
             fields[key] = state[key]
     if "error" in state:

@@ -71,6 +71,9 @@ class BatcherOptions:
     max_queue_rows: int = 2048
     timeout_s: float = 10.0
     instances: int = 1
+    # per input, what rows of different lengths are padded with to form one batch (text:
+    # the pad token and a mask of 0); None: rows that do not stack run one request at a time
+    pad: tuple[float, ...] | None = None
 
 
 @dataclass(slots=True)
@@ -338,9 +341,10 @@ class Batcher:
     def _compute_batch(self, batch: list[_Pending], instance: int) -> list[_Outcome]:
         rows = sum(p.rows for p in batch)
         if len(batch) > 1:
+            pad = self.options.pad
             try:
                 inputs = [
-                    np.concatenate([p.inputs[i] for p in batch])
+                    _stack([p.inputs[i] for p in batch], None if pad is None else pad[i])
                     for i in range(len(batch[0].inputs))
                 ]
             except ValueError:  # variable-shaped inputs that do not stack: run one by one
@@ -417,3 +421,21 @@ class Batcher:
                         f"model returned {out.shape[0] if out.ndim else 0} rows for {rows}"
                     )
         return outputs
+
+
+def _stack(parts: list[np.ndarray], pad: float | None) -> np.ndarray:
+    """Rows of several requests as one batch; rows shorter than the longest padded with
+    `pad` (at their end, in every dimension after the batch's) when one is given."""
+    shapes = {p.shape[1:] for p in parts}
+    if len(shapes) == 1 or pad is None:
+        return np.concatenate(parts)
+    if len({len(s) for s in shapes}) != 1:
+        raise ValueError("rows of different ranks")
+    longest = tuple(max(dims) for dims in zip(*shapes, strict=True))
+    out = np.full((sum(p.shape[0] for p in parts), *longest), pad, dtype=parts[0].dtype)
+    offset = 0
+    for part in parts:
+        region = (slice(offset, offset + part.shape[0]), *(slice(0, d) for d in part.shape[1:]))
+        out[region] = part
+        offset += part.shape[0]
+    return out

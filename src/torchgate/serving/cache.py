@@ -96,12 +96,22 @@ def row_keys(
     rows: int,
     prefix: tuple[Any, list[bytes]] | None = None,
     tenant: str = "",
+    material: list[bytes] | None = None,
 ) -> list[bytes]:
-    """One SHA-256 digest per row over the canonical layout described above."""
+    """One SHA-256 digest per row over the canonical layout described above; with
+    `material` (what a preprocessor made each row from: the encoded image, the exact
+    text) that stands in for the inputs."""
     start, specs = prefix or key_prefix(model)
     owner = tenant.encode()
     start = start.copy()
     start.update(struct.pack("<I", len(owner)) + owner)
+    if material is not None:
+        keys = []
+        for data in material:
+            h = start.copy()
+            h.update(b"raw" + struct.pack("<Q", len(data)) + data)
+            keys.append(h.digest())
+        return keys
     batched = model.config.batched
     keys = []
     for i in range(rows):
@@ -223,12 +233,14 @@ class VersionCache:
         policy: CachePolicy,
         compute: Compute,
         tenant: str = "",
+        material: list[bytes] | None = None,
     ) -> tuple[list[np.ndarray], str | None]:
         """The outputs for all rows, computing only those that miss; and HIT/MISS/PARTIAL.
-        `tenant` namespaces the entries (a key's own, or "" for the shared ones)."""
+        `tenant` namespaces the entries (a key's own, or "" for the shared ones);
+        `material` is what each row was made from, when a preprocessor made it."""
         if not self.enabled or policy is CachePolicy.BYPASS:
             return await compute(inputs, rows), None
-        keys = row_keys(self.model, inputs, rows, self._key_prefix, tenant)
+        keys = row_keys(self.model, inputs, rows, self._key_prefix, tenant, material)
         found: list[Row | None] = [None] * rows
         joined: dict[int, asyncio.Future[Row]] = {}
         if policy is CachePolicy.USE:

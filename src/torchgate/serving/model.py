@@ -5,12 +5,17 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from torchgate.serving.datatypes import NUMPY, to_numpy, to_tensor
 from torchgate.serving.model_config import ModelConfig
+
+if TYPE_CHECKING:
+    from torchgate.processors.factory import Preprocessor
+    from torchgate.processors.post import Postprocessor
 
 _AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -27,6 +32,8 @@ class LoadedModel:
     modules: list[torch.jit.ScriptModule]
     sha256: str
     load_bytes: int = 0
+    preprocessor: Preprocessor | None = None  # the model's, shared by its versions
+    postprocessor: Postprocessor | None = None
     _pin: bool = field(init=False, default=False)
 
     def __post_init__(self) -> None:

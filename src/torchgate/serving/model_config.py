@@ -1,13 +1,14 @@
-"""The schema of `model.toml`: a model's signature, batching, cache and integrity pins."""
+"""The schema of `model.toml`: a model's signature, batching, cache, processors and pins."""
 
 from __future__ import annotations
 
 import math
 import re
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from torchgate.processors.config import ImagePreprocess, PostprocessConfig, TextPreprocess
 from torchgate.serving.datatypes import DATATYPES
 
 MODEL_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
@@ -102,6 +103,10 @@ class ModelConfig(_Strict):
     cache: CacheConfig = CacheConfig()
     validation: ValidationConfig = ValidationConfig()
     canary: CanaryConfig | None = None
+    preprocess: Annotated[ImagePreprocess | TextPreprocess, Field(discriminator="kind")] | None = (
+        None
+    )
+    postprocess: PostprocessConfig | None = None
     sha256: dict[str, str] = Field(
         default_factory=dict, description="version -> expected SHA-256 of its model.pt"
     )
@@ -124,8 +129,56 @@ class ModelConfig(_Strict):
         for version, digest in self.sha256.items():
             if not version.isdigit() or not re.fullmatch(r"[0-9a-f]{64}", digest):
                 raise ValueError("sha256 maps a version number to 64 lowercase hex digits")
+        if isinstance(self.preprocess, ImagePreprocess):
+            self._fits_image(self.preprocess)
+        elif isinstance(self.preprocess, TextPreprocess):
+            self._fits_text(self.preprocess)
+        post = self.postprocess
+        if post is not None and post.top_k is not None:
+            if self.labels is None:
+                raise ValueError("postprocess.top_k needs labels")
+            if post.top_k > len(self.labels):
+                raise ValueError(f"postprocess.top_k is over the {len(self.labels)} labels")
         return self
+
+    def _fits_image(self, pre: ImagePreprocess) -> None:
+        if len(self.inputs) != 1:
+            raise ValueError("preprocess kind image feeds a model with exactly one input")
+        spec = self.inputs[0]
+        if pre.input is not None and pre.input != spec.name:
+            raise ValueError(f"preprocess.input {pre.input!r} is not the model's input")
+        if spec.datatype not in ("FP16", "FP32", "FP64", "BF16"):
+            raise ValueError(f"preprocess kind image needs a float input, not {spec.datatype}")
+        if spec.shape != pre.tensor_shape():
+            raise ValueError(
+                f"preprocess makes {pre.layout} tensors of shape {list(pre.tensor_shape())} "
+                f"(channels {pre.channels}, size {list(pre.size)}); input {spec.name!r} "
+                f"declares {list(spec.shape)}"
+            )
+
+    def _fits_text(self, pre: TextPreprocess) -> None:
+        wanted = pre.model_inputs()
+        given = [s.name for s in self.inputs]
+        if sorted(wanted) != sorted(given):
+            raise ValueError(
+                f"preprocess kind text feeds inputs {wanted}; the model declares {given}"
+            )
+        for spec in self.inputs:
+            if spec.datatype not in ("INT32", "INT64") or spec.shape != (-1,):
+                raise ValueError(
+                    f"input {spec.name!r} receives tokens: INT64 (or INT32) of shape [-1]"
+                )
+        if not self.batched:
+            raise ValueError("preprocess kind text needs max_batch_size above 0")
 
     @property
     def batched(self) -> bool:
         return self.max_batch_size > 0
+
+    @property
+    def processor_inputs(self) -> tuple[TensorSpec, ...] | None:
+        """What a request carries instead of the model's inputs when the model has a
+        preprocessor: one BYTES element per row (an encoded image or a text)."""
+        if self.preprocess is None:
+            return None
+        return (TensorSpec(name=self.preprocess.name, datatype="BYTES", shape=(1,)),)

@@ -275,6 +275,7 @@ class ModelRegistry:
             max_queue_rows=s.max_queue_rows or batching.max_queue_rows,
             timeout_s=(s.batch_timeout_ms or batching.timeout_ms) / 1000,
             instances=batching.instances,
+            pad=_pad_values(model),
         )
         version = str(model.version)
         batcher = Batcher(model, options, self.metrics.for_batcher(model.name, version))
@@ -307,6 +308,11 @@ class ModelRegistry:
             self.cache.drop(version.model)
             if version.version not in keep:
                 self.metrics.forget_version(served.name, str(version.version))
+
+
+def _pad_values(model: LoadedModel) -> tuple[float, ...] | None:
+    pad = model.preprocessor.pad_values() if model.preprocessor is not None else None
+    return None if pad is None else tuple(pad)
 
 
 def _version_number(text: str) -> int | None:

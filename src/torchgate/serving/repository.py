@@ -14,16 +14,35 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pydantic
 import torch
 
+from torchgate import problems
 from torchgate.errors import ModelLoadError
+from torchgate.processors.factory import (
+    MAX_TOKENS,
+    Preprocessor,
+    ProcessorError,
+    build_postprocessor,
+    build_preprocessor,
+    sample,
+)
+from torchgate.processors.post import Postprocessor
 from torchgate.serving.model import LoadedModel, dummy_inputs, parameter_bytes
 from torchgate.serving.model_config import MODEL_NAME, ModelConfig
 
 log = logging.getLogger("torchgate.repository")
 
 WARMUP_ROUNDS = 3
+
+
+@dataclass(slots=True)
+class Processors:
+    """A model's preprocessor and postprocessor (either may be None), shared by versions."""
+
+    pre: Preprocessor | None
+    post: Postprocessor | None
 
 
 @dataclass(slots=True)
@@ -56,9 +75,10 @@ def resolve_device(spec: str) -> torch.device:
 class ModelRepository:
     """The model folders under one root directory."""
 
-    def __init__(self, root: Path, device: str = "auto") -> None:
+    def __init__(self, root: Path, device: str = "auto", *, max_tokens: int = MAX_TOKENS) -> None:
         self.root = root.resolve()
         self.device_spec = device
+        self.max_tokens = max_tokens
 
     def names(self) -> list[str]:
         if not self.root.is_dir():
@@ -82,10 +102,7 @@ class ModelRepository:
         try:
             return ModelConfig.model_validate(raw)
         except pydantic.ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"]) or "(top level)"
-            more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-            raise ModelLoadError(toml, f"{where}: {first['msg']}{more}") from None
+            raise ModelLoadError(toml, problems.describe(exc)) from None
 
     def versions(self, name: str) -> list[int]:
         folder = self.folder(name)
@@ -96,11 +113,21 @@ class ModelRepository:
             raise ModelLoadError(folder, "no version folder with a model.pt (e.g. 1/model.pt)")
         return found
 
+    def processors(self, name: str, config: ModelConfig) -> Processors:
+        """The model's pre- and postprocessor, built from its config (and tokenizer file)."""
+        try:
+            pre = build_preprocessor(config, self.folder(name), max_tokens=self.max_tokens)
+        except ProcessorError as exc:
+            raise ModelLoadError(self._inside(exc.path), exc.problem) from None
+        return Processors(pre, build_postprocessor(config))
+
     def load(self, name: str, *, instances: int | None = None) -> ModelFolder:
         """Read the config and load every version of one model."""
         config = self.read_config(name)
+        processors = self.processors(name, config)
         loaded = {
-            v: self.load_version(name, v, config, instances=instances) for v in self.versions(name)
+            v: self.load_version(name, v, config, instances=instances, processors=processors)
+            for v in self.versions(name)
         }
         folder = ModelFolder(name, config, loaded)
         if folder.default_version not in loaded:
@@ -117,9 +144,16 @@ class ModelRepository:
         return {name: self.load(name) for name in names}
 
     def load_version(
-        self, name: str, version: int, config: ModelConfig, *, instances: int | None = None
+        self,
+        name: str,
+        version: int,
+        config: ModelConfig,
+        *,
+        instances: int | None = None,
+        processors: Processors | None = None,
     ) -> LoadedModel:
         path = self._inside(self.folder(name) / str(version) / "model.pt")
+        processors = processors or self.processors(name, config)
         device = resolve_device(self.device_spec)
         try:
             data = path.read_bytes()
@@ -135,7 +169,17 @@ class ModelRepository:
         # loaded from the very bytes that were hashed: reading the path again would let a
         # file swapped in between be served under the pinned digest
         modules = [self._jit_load(path, data, device) for _ in range(copies)]
-        model = LoadedModel(name, version, config, path, device, modules, digest)
+        model = LoadedModel(
+            name,
+            version,
+            config,
+            path,
+            device,
+            modules,
+            digest,
+            preprocessor=processors.pre,
+            postprocessor=processors.post,
+        )
         self._check_signature(model)
         gpu_bytes = torch.cuda.memory_allocated(device) - before if device.type == "cuda" else 0
         model.load_bytes = max(parameter_bytes(modules[0]) * copies, gpu_bytes)
@@ -190,13 +234,30 @@ class ModelRepository:
                     raise ModelLoadError(
                         model.path, f"forward on the declared input shapes failed: {problem[:300]}"
                     ) from None
-            for spec, out in zip(config.outputs, outputs, strict=True):
-                want = ((rows,) if config.batched else ()) + spec.shape
-                if len(out.shape) != len(want) or any(
-                    w != -1 and w != g for w, g in zip(want, out.shape, strict=True)
-                ):
-                    raise ModelLoadError(
-                        model.path,
-                        f"output {spec.name!r} has shape {list(out.shape)}, "
-                        f"model.toml declares {list(want)}",
-                    )
+            _check_outputs(model, outputs, rows)
+        pre = model.preprocessor
+        if pre is not None:
+            # what the preprocessor makes of a blank image or a short text must run
+            try:
+                prepared = pre.prepare(sample(pre))
+                outputs = model.forward(prepared.inputs)
+            except Exception as exc:
+                problem = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+                raise ModelLoadError(
+                    model.path, f"forward on what [preprocess] makes failed: {problem[:300]}"
+                ) from None
+            _check_outputs(model, outputs, prepared.rows)
+
+
+def _check_outputs(model: LoadedModel, outputs: list[np.ndarray], rows: int) -> None:
+    config = model.config
+    for spec, out in zip(config.outputs, outputs, strict=True):
+        want = ((rows,) if config.batched else ()) + spec.shape
+        if len(out.shape) != len(want) or any(
+            w != -1 and w != g for w, g in zip(want, out.shape, strict=True)
+        ):
+            raise ModelLoadError(
+                model.path,
+                f"output {spec.name!r} has shape {list(out.shape)}, "
+                f"model.toml declares {list(want)}",
+            )

@@ -72,11 +72,13 @@ class InferenceService:
         canary: Canary | None = None,
         caller: str = "",
         tenant: str = "",
+        material: list[bytes] | None = None,
     ) -> InferenceResult:
         """Cache, then breaker, then batcher, for the rows the cache does not have.
         `canary`: the rollout that routed this request to its version, to record with;
         `caller`: who sent it (a key's name or an address), for failures that may be the
-        input's fault; `tenant`: the cache's namespace ("" for the one every caller shares)."""
+        input's fault; `tenant`: the cache's namespace ("" for the one every caller shares);
+        `material`: what a preprocessor made each row from, which keys its cache entry."""
         if self._draining():
             self.metrics.shed.labels(served.name, "draining").inc()
             raise Draining()
@@ -119,7 +121,7 @@ class InferenceService:
             return result.outputs
 
         policy = CachePolicy.from_header(cache_control)
-        work = served.cache.run(inputs, rows, policy, compute, tenant)
+        work = served.cache.run(inputs, rows, policy, compute, tenant, material)
         answer.outputs, answer.cache = await (
             work if canary is None else _watched(canary, work, caller)
         )
