@@ -77,6 +77,7 @@ def measure_images(plan: Plan, repository: Path) -> tuple[list[Cell], list[Targe
             log_path=log,
             probe_url=url,
             probe_body=body,
+            probe_type="image/jpeg",
         ):
             status, _, answer = post(url, body, headers)
             label_ok = status == 200 and b'"labels":["2"]' in answer

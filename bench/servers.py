@@ -116,12 +116,14 @@ class Server:
         log_path: Path,
         probe_url: str,
         probe_body: bytes,
+        probe_type: str = "application/json",
     ) -> None:
         self.command = command
         self.env = env
         self.log_path = log_path
         self.probe_url = probe_url
         self.probe_body = probe_body
+        self.probe_type = probe_type
         self.first_answer = b""
         self._process: subprocess.Popen[bytes] | None = None
 
@@ -158,7 +160,7 @@ class Server:
                 )
             try:
                 status, _, body = post(
-                    self.probe_url, self.probe_body, {"Content-Type": "application/json"}, 5.0
+                    self.probe_url, self.probe_body, {"Content-Type": self.probe_type}, 5.0
                 )
             except OSError as exc:
                 last = str(exc)

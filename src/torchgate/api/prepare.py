@@ -4,13 +4,13 @@ A row is one encoded image or one text. V1 carries them as `{"instances": [...]}
 string per text; `{"b64": "..."}` or a base64 string per image, the TF Serving / KServe
 V1 convention) or as a raw `image/jpeg|png|webp` body holding one image; V2 as a BYTES
 tensor of shape [rows, 1] (raw bytes with the binary extension, base64 text in JSON).
-Texts pass the text policy first; then the model's processor runs, in a thread when its
-work is long (every image, any long text), timed and its refusals counted by reason.
+Texts pass the text policy first; then the model's processor runs, on the version's
+preprocess thread when its work is long (every image, any long text), timed and its
+refusals counted by reason.
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Any
 
@@ -81,8 +81,8 @@ async def prepare(request: Request, served: ServedVersion, items: list[object]) 
     metrics: Metrics = request.app.state.metrics
     started = time.perf_counter()
     try:
-        if pre.offload(items):
-            prepared = await asyncio.to_thread(pre.prepare, items)
+        if served.preprocess is not None and pre.offload(items):
+            prepared = await served.preprocess.run(pre.prepare, items)
         else:
             prepared = pre.prepare(items)
     except InputRefused as exc:

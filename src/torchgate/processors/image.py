@@ -73,9 +73,10 @@ class ImageProcessor:
         """One encoded image as the model's input tensor."""
         image = self._open(data, index)
         image = self._convert(image)
+        background = _background(image) if self.config.trim or self.config.resize == "fit" else 0
         if self.config.trim:
-            image = _trim(image)
-        image = self._resize(image)
+            image = _trim(image, background)
+        image = self._resize(image, background)
         array = np.asarray(image, dtype=np.float32)
         if array.ndim == 2:
             array = array[:, :, np.newaxis]
@@ -130,7 +131,7 @@ class ImageProcessor:
             image = ImageOps.invert(image)
         return image
 
-    def _resize(self, image: Image.Image) -> Image.Image:
+    def _resize(self, image: Image.Image, background: int | tuple[int, ...]) -> Image.Image:
         height, width = self.config.size
         resample = _RESAMPLE[self.config.resample]
         if self.config.resize == "stretch":
@@ -138,39 +139,35 @@ class ImageProcessor:
         if self.config.resize == "cover":
             return ImageOps.fit(image, (width, height), resample)
         # fit: inside the size, keeping the aspect ratio, padded with the background
-        background = _background(image)
+        if image.size[0] * height == image.size[1] * width:
+            return image.resize((width, height), resample)
         return ImageOps.pad(image, (width, height), resample, color=background)
 
 
 def _background(image: Image.Image) -> int | tuple[int, ...]:
     """The colour of the image's border (its median), taken as the background."""
     array = np.asarray(image)
-    border = np.concatenate(
-        [
-            array[0].reshape(-1, *array.shape[2:]),
-            array[-1].reshape(-1, *array.shape[2:]),
-            array[:, 0].reshape(-1, *array.shape[2:]),
-            array[:, -1].reshape(-1, *array.shape[2:]),
-        ]
-    )
+    border = np.concatenate([array[0], array[-1], array[1:-1, 0], array[1:-1, -1]])
     median = np.median(border, axis=0)
     return int(median) if np.ndim(median) == 0 else tuple(int(v) for v in median)
 
 
-def _trim(image: Image.Image) -> Image.Image:
-    """Crop to the bounding box of what differs from the background, padded to a square
-    so the content keeps its proportions; an image with no content is kept whole."""
+def _trim(image: Image.Image, background: int | tuple[int, ...]) -> Image.Image:
+    """Crop to the bounding box of what differs from the background, centred on a square
+    of the background so the content keeps its proportions; an image with no content is
+    kept whole."""
     array = np.asarray(image).astype(np.int16)
-    background = np.asarray(_background(image), dtype=np.int16)
-    distance = np.abs(array - background)
+    distance = np.abs(array - np.asarray(background, dtype=np.int16))
     if distance.ndim == 3:
         distance = distance.max(axis=2)
-    rows = np.flatnonzero((distance > TRIM_THRESHOLD).any(axis=1))
-    columns = np.flatnonzero((distance > TRIM_THRESHOLD).any(axis=0))
+    content = distance > TRIM_THRESHOLD
+    rows = np.flatnonzero(content.any(axis=1))
+    columns = np.flatnonzero(content.any(axis=0))
     if not len(rows) or not len(columns):
         return image
     top, bottom, left, right = rows[0], rows[-1] + 1, columns[0], columns[-1] + 1
     cropped = image.crop((int(left), int(top), int(right), int(bottom)))
     side = max(cropped.size)
-    fill = _background(image)
-    return ImageOps.pad(cropped, (side, side), Image.Resampling.NEAREST, color=fill)
+    square = Image.new(image.mode, (side, side), background)
+    square.paste(cropped, ((side - cropped.size[0]) // 2, (side - cropped.size[1]) // 2))
+    return square

@@ -26,6 +26,7 @@ from torchgate.serving.drift import DriftMonitor, Reference
 from torchgate.serving.model import LoadedModel
 from torchgate.serving.model_config import MODEL_NAME, CanaryConfig, ModelConfig
 from torchgate.serving.repository import ModelFolder, ModelRepository
+from torchgate.serving.runner import Runner
 from torchgate.serving.validation import screen
 
 log = logging.getLogger("torchgate.registry")
@@ -33,13 +34,17 @@ log = logging.getLogger("torchgate.registry")
 
 @dataclass(slots=True)
 class ServedVersion:
-    """One version being served: the model, its batcher, cache namespace and breaker."""
+    """One version being served: the model, its batcher, cache namespace and breaker, and
+    for a model with a preprocessor the thread that decodes its images and long texts."""
 
     model: LoadedModel
     batcher: Batcher
     cache: VersionCache
     breaker: CircuitBreaker
     drift: DriftMonitor | None = None  # the model's, shared by its versions
+    # one thread, not a pool: more threads decoding at once take the GIL from the event
+    # loop, and /health waits (README, Benchmark: the image cell)
+    preprocess: Runner | None = None
 
     @property
     def name(self) -> str:
@@ -296,7 +301,10 @@ class ModelRegistry:
             min_callers=s.breaker_min_callers,
             on_change=on_change,
         )
-        return ServedVersion(model, batcher, self.cache.for_version(model), breaker)
+        preprocess = None if model.preprocessor is None else Runner(f"preprocess-{model.key}")
+        return ServedVersion(
+            model, batcher, self.cache.for_version(model), breaker, preprocess=preprocess
+        )
 
     async def _stop(
         self, served: ServedModel, *, keep: set[int] | frozenset[int] = frozenset()
@@ -305,6 +313,8 @@ class ModelRegistry:
         for version in served.versions.values():
             await version.batcher.drain(self.settings.drain_timeout_s)
             await version.batcher.aclose()
+            if version.preprocess is not None:
+                version.preprocess.stop()
             self.cache.drop(version.model)
             if version.version not in keep:
                 self.metrics.forget_version(served.name, str(version.version))
