@@ -1,6 +1,12 @@
 # torchgate's front door: the same commands locally and in CI.
 #   make serve   set up .venv and serve the bundled digits model on 127.0.0.1:8000
 #   make test    set up .venv and run the test suite
+# The delivery pipeline (.github/workflows/pipeline.yml) calls only targets of this file:
+#   build     make wheel, make hadolint (then the image: make image where Docker runs)
+#   test      make lint, make test
+#   validate  make validate [MODELS=models]
+#   deploy    make manifests [K8S=k8s], make deploy-canary / deploy-production IMAGE=<ref@sha256:...>
+#   monitor   make rules, make smoke [SMOKE_URL=...], make smoke-k8s, make canary-gates
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -13,7 +19,8 @@ STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install serve test lint format bench models clean
+.PHONY: install serve test lint format bench models clean wheel hadolint image validate \
+	manifests rules smoke smoke-k8s canary-gates deploy-canary deploy-production rollback-canary current-image
 
 install: $(STAMP)
 
@@ -55,5 +62,97 @@ models: install
 bench: install
 	$(PY) bench/run.py $(BENCH_ARGS)
 
+# ---------------------------------------------------------------- the delivery pipeline
+
+GIT_SHA := $(shell git rev-parse HEAD 2>/dev/null || echo dev)
+IMAGE_NAME ?= torchgate
+MODELS ?= models
+K8S ?= k8s
+
+wheel: install
+	$(PY) -m pip wheel -q --no-deps --wheel-dir dist .
+
+hadolint: install
+	$(VENV)/bin/hadolint --no-color Dockerfile
+
+# Needs a container engine; CI builds the same Dockerfile with docker/build-push-action.
+image: hadolint
+	docker build -t $(IMAGE_NAME):$(GIT_SHA) .
+
+# Every version of every model: SHA-256 pin, signature, accuracy gate (validation.npz).
+validate: install
+	$(PY) scripts/validate_models.py $(MODELS)
+
+# Every kustomization rendered and validated against the Kubernetes schemas.
+manifests: install
+	$(PY) scripts/manifests.py check $(K8S)
+
+rules:
+	promtool check rules $(K8S)/monitoring/rules.yml
+
+# One prediction against a running server, after it is ready (default: `make serve`'s).
+SMOKE_URL ?= http://$(HOST):$(PORT)
+smoke:
+	$(PYTHON) scripts/smoke.py $(SMOKE_URL) $(if $(wildcard $(DEV_KEY)),--key-file $(DEV_KEY))
+
+# Deploying needs kubectl with a context for the cluster. IMAGE names an image by digest
+# (<registry>/torchgate@sha256:<64 hex>): staging and production then run the same bytes.
+KUBE_NS := torchgate
+RENDERED := build/k8s
+DEPLOYMENT ?= torchgate
+FORWARD_PORT ?= 18000
+PROMETHEUS_URL ?= http://127.0.0.1:9090
+CANARY_WINDOW ?= 30m
+STABLE_IMAGE = kubectl -n $(KUBE_NS) get deployment torchgate --ignore-not-found \
+	-o jsonpath='{.spec.template.spec.containers[?(@.name=="torchgate")].image}'
+
+define require_digest
+	@[[ "$(IMAGE)" =~ ^[^@[:space:]]+@sha256:[0-9a-f]{64}$$ ]] || { \
+	  echo "IMAGE must name an image by digest (...@sha256:<64 hex>), not '$(IMAGE)'" >&2; exit 2; }
+endef
+
+# Staging: the canary overlay, the new image beside the image production runs now.
+deploy-canary: install
+	$(require_digest)
+	@mkdir -p $(RENDERED)
+	stable=$$($(STABLE_IMAGE)) && $(PY) scripts/manifests.py render overlays/canary --root $(K8S) \
+	  --image torchgate=$${stable:-$(IMAGE)} --image torchgate-canary=$(IMAGE) > $(RENDERED)/canary.yaml
+	kubectl apply -f $(RENDERED)/canary.yaml
+	kubectl -n $(KUBE_NS) rollout status deployment/torchgate-canary --timeout=10m
+
+# The canary's error-rate, latency and traffic gates, from Prometheus.
+canary-gates:
+	$(PYTHON) scripts/canary_gates.py $(PROMETHEUS_URL) --window $(CANARY_WINDOW)
+
+# Production: the cpu overlay on the image, then the canary goes. Rolling back is this
+# with the previous digest.
+deploy-production: install
+	$(require_digest)
+	@mkdir -p $(RENDERED)
+	$(PY) scripts/manifests.py render overlays/cpu --root $(K8S) --image torchgate=$(IMAGE) \
+	  > $(RENDERED)/production.yaml
+	kubectl apply -f $(RENDERED)/production.yaml
+	kubectl -n $(KUBE_NS) rollout status deployment/torchgate --timeout=15m
+	kubectl -n $(KUBE_NS) delete deployment torchgate-canary --ignore-not-found
+
+# The image production runs now (empty before the first deploy).
+current-image:
+	@$(STABLE_IMAGE)
+
+# A failed canary: remove it and put the stable side back to the cpu overlay's shape.
+rollback-canary: install
+	kubectl -n $(KUBE_NS) delete deployment torchgate-canary --ignore-not-found
+	@mkdir -p $(RENDERED)
+	stable=$$($(STABLE_IMAGE)) && test -n "$$stable" && $(PY) scripts/manifests.py render \
+	  overlays/cpu --root $(K8S) --image torchgate=$$stable > $(RENDERED)/production.yaml
+	kubectl apply -f $(RENDERED)/production.yaml
+
+# The smoke check through a port-forward to one pod of DEPLOYMENT; the key from
+# $TORCHGATE_API_KEY.
+smoke-k8s:
+	kubectl -n $(KUBE_NS) port-forward deployment/$(DEPLOYMENT) $(FORWARD_PORT):8000 >/dev/null & \
+	forward=$$!; trap 'kill $$forward' EXIT; \
+	$(PYTHON) scripts/smoke.py http://127.0.0.1:$(FORWARD_PORT) --timeout 120
+
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache bench/results
+	rm -rf $(VENV) .pytest_cache .ruff_cache bench/results build dist

@@ -85,6 +85,17 @@ def test_usage_problems_exit_2(digits: Path, tmp_path: Path, capsys):
     assert code == 2 and "has no validation.npz" in err
 
 
+def test_without_validation_data_the_pipeline_still_checks_pin_and_signature(digits: Path, capsys):
+    (digits / "validation.npz").unlink()
+    code, out, _ = validate(capsys, str(digits), "--allow-missing-data")
+    assert code == 0
+    assert out.strip() == "digits version 1: PASS (loads; no validation.npz, accuracy unchecked)"
+    toml = digits / "model.toml"
+    toml.write_text(toml.read_text() + f'\n[sha256]\n"1" = "{"0" * 64}"\n')
+    code, out, _ = validate(capsys, str(digits), "--allow-missing-data")
+    assert code == 1 and "FAIL" in out and "does not match the pinned" in out
+
+
 @pytest.mark.slow
 def test_quantize_script_halves_the_model_and_keeps_its_accuracy(digits: Path, capsys):
     result = subprocess.run(

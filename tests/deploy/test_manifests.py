@@ -2,9 +2,10 @@
 
 Everything is checked offline: manifests against the Kubernetes API schemas
 (kubernetes-validate), every kustomization rendered with `kubectl kustomize` and its
-output validated, the Dockerfile linted with hadolint, the alert rules checked with
-`promtool` where it is installed, and the numbers the deployment relies on (resources,
-replicas, autoscaling, probes, shutdown timing, the canary split) asserted directly.
+output validated (both by scripts/manifests.py, as `make manifests` does), the
+Dockerfile linted with hadolint, the alert rules checked with `promtool` where it is
+installed, and the numbers the deployment relies on (resources, replicas, autoscaling,
+probes, shutdown timing, the canary split) asserted directly.
 """
 
 from __future__ import annotations
@@ -12,19 +13,17 @@ from __future__ import annotations
 import copy
 import functools
 import json
-import os
 import re
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
-import kubernetes_validate
 import pytest
 import yaml
 
+from scripts import manifests
 from tests.deploy import promql_names
 from tests.deploy.promql_names import (
     DASHBOARD,
@@ -42,10 +41,6 @@ K8S = ROOT / "k8s"
 MONITORING = K8S / "monitoring"
 ALERTS = MONITORING / "alerts.yaml"
 DOCS = ROOT / "docs" / "deployment.md"
-K8S_VERSION = "1.32"
-
-# Custom resources of the Prometheus Operator: not in the Kubernetes schemas.
-CRD_KINDS = {"ServiceMonitor", "PrometheusRule"}
 KUSTOMIZE_KINDS = {"Kustomization", "Component"}
 KUSTOMIZATIONS = [
     "base",
@@ -115,64 +110,10 @@ def manifest_files() -> list[Path]:
     )
 
 
-def check_crd(obj: dict[str, Any]) -> None:
-    """Structural checks of the Prometheus Operator objects the schemas do not cover."""
-    assert obj["apiVersion"] == "monitoring.coreos.com/v1"
-    assert set(obj) <= {"apiVersion", "kind", "metadata", "spec"}
-    assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", obj["metadata"]["name"])
-    spec = obj["spec"]
-    if obj["kind"] == "ServiceMonitor":
-        assert set(spec) <= {
-            "selector",
-            "namespaceSelector",
-            "endpoints",
-            "podTargetLabels",
-            "targetLabels",
-            "jobLabel",
-        }
-        assert spec["selector"]["matchLabels"]
-        assert spec["endpoints"]
-        for endpoint in spec["endpoints"]:
-            assert set(endpoint) <= {"port", "path", "interval", "scrapeTimeout", "scheme"}
-            assert isinstance(endpoint["port"], str)
-            assert endpoint["path"].startswith("/")
-    else:
-        assert set(spec) == {"groups"}
-        check_rule_groups(spec)
-
-
-def check_rule_groups(data: dict[str, Any]) -> None:
-    duration = re.compile(r"\d+[smhdwy]")
-    names = [g["name"] for g in data["groups"]]
-    assert len(names) == len(set(names)), "rule group names must be unique"
-    for group in data["groups"]:
-        assert set(group) <= {"name", "interval", "rules"}
-        assert group["rules"]
-        for rule in group["rules"]:
-            assert ("alert" in rule) != ("record" in rule), rule
-            assert set(rule) <= {"alert", "record", "expr", "for", "labels", "annotations"}
-            assert isinstance(rule["expr"], str) and rule["expr"].strip()
-            if "for" in rule:
-                assert duration.fullmatch(rule["for"]), rule["for"]
-            if "alert" in rule:
-                assert rule["labels"]["severity"] in {"critical", "warning", "info"}
-                assert rule["annotations"]["summary"]
-            for value in {**rule.get("labels", {}), **rule.get("annotations", {})}.values():
-                assert isinstance(value, str)
-
-
 def validate(obj: dict[str, Any]) -> None:
-    where = f"{obj.get('kind')}/{obj.get('metadata', {}).get('name')}"
-    if obj["kind"] in CRD_KINDS:
-        check_crd(obj)
-        return
-    try:
-        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
-    except kubernetes_validate.ValidationError as exc:
-        path = ".".join(str(p) for p in exc.path)
-        pytest.fail(f"{where} is not a valid {K8S_VERSION} object: {path}: {exc.message}")
-    except kubernetes_validate.SchemaNotFoundError as exc:
-        pytest.fail(f"{where}: {exc.message}")
+    found = manifests.problems(obj)
+    if found:
+        pytest.fail("\n".join(found))
 
 
 def kubectl() -> str:
@@ -184,29 +125,7 @@ def kubectl() -> str:
 
 @functools.cache
 def _render(kubectl_path: str, target: str) -> tuple[dict[str, Any], ...]:
-    directory = K8S / target
-    with tempfile.TemporaryDirectory(prefix="torchgate-kustomize-") as wrapper:
-        if kustomization(directory)["kind"] == "Component":
-            # A component cannot be built alone: build it into a throwaway overlay on top
-            # of the cpu one. Paths in a kustomization must be relative.
-            overlay = {
-                "apiVersion": "kustomize.config.k8s.io/v1beta1",
-                "kind": "Kustomization",
-                "namespace": "torchgate",
-                "resources": [os.path.relpath(K8S / "overlays" / "cpu", wrapper)],
-                "components": [os.path.relpath(directory, wrapper)],
-            }
-            (Path(wrapper) / "kustomization.yaml").write_text(yaml.safe_dump(overlay))
-            directory = Path(wrapper)
-        result = subprocess.run(
-            [kubectl_path, "kustomize", str(directory)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
-    assert result.returncode == 0, f"kubectl kustomize {target} failed:\n{result.stderr}"
-    return tuple(doc for doc in yaml.safe_load_all(result.stdout) if doc)
+    return tuple(manifests.render(target, K8S, kubectl_path))
 
 
 def render(target: str) -> list[dict[str, Any]]:
@@ -257,8 +176,8 @@ def test_manifest_file_is_valid(path: Path) -> None:
 
 
 def test_every_kustomization_is_rendered_by_these_tests() -> None:
-    found = {str(p.parent.relative_to(K8S)) for p in K8S.rglob("kustomization.yaml")}
-    assert found == set(KUSTOMIZATIONS)
+    found = manifests.kustomizations(K8S)
+    assert set(found) == set(KUSTOMIZATIONS)
     for target in found:
         assert kustomization(K8S / target)["kind"] in KUSTOMIZE_KINDS
 
@@ -267,12 +186,7 @@ def test_every_kustomization_is_rendered_by_these_tests() -> None:
 def test_rendered_objects_are_valid(target: str) -> None:
     rendered = render(target)
     assert rendered
-    keys = [(o["kind"], o["metadata"]["name"]) for o in rendered]
-    assert len(keys) == len(set(keys)), f"{target} renders an object twice"
-    for obj in rendered:
-        validate(obj)
-        if obj["kind"] != "Namespace":
-            assert obj["metadata"].get("namespace") == "torchgate", obj["metadata"]
+    assert manifests.rendered_problems(rendered) == []
 
 
 # ------------------------------------------------------------------------- Dockerfile
@@ -631,7 +545,7 @@ def alerts() -> dict[str, dict[str, Any]]:
 def test_rules_file_and_prometheus_rule_agree() -> None:
     (rule,) = load_yaml(ALERTS)
     assert rule["kind"] == "PrometheusRule"
-    check_crd(rule)
+    assert manifests.crd_problems(rule) == []
     assert rule["spec"] == yaml.safe_load(RULES.read_text()), (
         "k8s/monitoring/alerts.yaml's spec must equal rules.yml: edit both together"
     )
