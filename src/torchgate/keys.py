@@ -7,6 +7,7 @@ Keys come from a TOML file (`TORCHGATE_API_KEYS_FILE`):
     sha256 = "<hex SHA-256 of the key>"
     scopes = ["infer"]            # and/or "admin"
     rate_limit = "1000/minute"    # optional, overrides TORCHGATE_RATE_LIMIT for this key
+    tokens_per_minute = 100000    # optional: text models' tokens this key may send a minute
 
 or, for development, from `TORCHGATE_API_KEYS` (comma-separated plain keys, scope infer),
 which are hashed as they are read. A plain key is never stored or logged.
@@ -41,6 +42,7 @@ class _KeyEntry(pydantic.BaseModel):
     sha256: str = pydantic.Field(pattern=r"^[0-9a-f]{64}$")
     scopes: list[Scope] = pydantic.Field(default_factory=lambda: ["infer"], min_length=1)
     rate_limit: str | None = pydantic.Field(None, pattern=RATE_PATTERN)
+    tokens_per_minute: int | None = pydantic.Field(None, ge=1)
 
 
 class _KeyFile(pydantic.BaseModel):
@@ -55,6 +57,7 @@ class ApiKey:
     digest: bytes
     scopes: frozenset[str]
     rate_limit: str | None = None
+    tokens_per_minute: int | None = None
 
 
 def digest(key: str) -> bytes:
@@ -66,7 +69,13 @@ def new_key() -> str:
     return "tg_" + secrets.token_urlsafe(32)
 
 
-def key_file_entry(name: str, key: str, scopes: list[str], rate_limit: str | None = None) -> str:
+def key_file_entry(
+    name: str,
+    key: str,
+    scopes: list[str],
+    rate_limit: str | None = None,
+    tokens_per_minute: int | None = None,
+) -> str:
     """The TOML block for one key in the keys file."""
     lines = [
         "[[keys]]",
@@ -76,6 +85,8 @@ def key_file_entry(name: str, key: str, scopes: list[str], rate_limit: str | Non
     ]
     if rate_limit:
         lines.append(f'rate_limit = "{rate_limit}"')
+    if tokens_per_minute:
+        lines.append(f"tokens_per_minute = {tokens_per_minute}")
     return "\n".join(lines) + "\n"
 
 
@@ -112,7 +123,13 @@ class KeyStore:
         except pydantic.ValidationError as exc:
             raise KeyFileError(f"{file}: {problems.describe(exc)}") from None
         return [
-            ApiKey(e.name, bytes.fromhex(e.sha256), frozenset(e.scopes), e.rate_limit)
+            ApiKey(
+                e.name,
+                bytes.fromhex(e.sha256),
+                frozenset(e.scopes),
+                e.rate_limit,
+                e.tokens_per_minute,
+            )
             for e in parsed.keys
         ]
 

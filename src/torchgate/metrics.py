@@ -68,6 +68,9 @@ class BatcherMetrics:
     shed_queue_full: Counter
     shed_deadline: Counter
     batch_retries: Counter
+    tokens_real: Counter | None = None  # text models batched by tokens only
+    tokens_padded: Counter | None = None
+    padding_ratio: Gauge | None = None
 
 
 class Metrics:
@@ -155,6 +158,18 @@ class Metrics:
         self.batch_retries = Counter(
             "torchgate_batch_retries_total",
             "Batches whose forward failed and were retried request by request",
+            ["model", "version"],
+            registry=registry,
+        )
+        self.batch_tokens = Counter(
+            "torchgate_batch_tokens_total",
+            "Tokens in text batches: real ones, and padded (rows x the batch's longest row)",
+            ["model", "version", "kind"],
+            registry=registry,
+        )
+        self.padding_ratio = Gauge(
+            "torchgate_padding_ratio",
+            "Padded tokens over real tokens in a text model's batches so far (1.0: no padding)",
             ["model", "version"],
             registry=registry,
         )
@@ -256,8 +271,8 @@ class Metrics:
             registry=registry,
         )
 
-    def for_batcher(self, model: str, version: str) -> BatcherMetrics:
-        return BatcherMetrics(
+    def for_batcher(self, model: str, version: str, *, tokens: bool = False) -> BatcherMetrics:
+        children = BatcherMetrics(
             batch_size=self.batch_size.labels(model, version),
             queue_rows=self.queue_rows.labels(model, version),
             queue_wait=self.queue_wait.labels(model, version),
@@ -266,6 +281,11 @@ class Metrics:
             shed_deadline=self.shed.labels(model, "deadline"),
             batch_retries=self.batch_retries.labels(model, version),
         )
+        if tokens:
+            children.tokens_real = self.batch_tokens.labels(model, version, "real")
+            children.tokens_padded = self.batch_tokens.labels(model, version, "padded")
+            children.padding_ratio = self.padding_ratio.labels(model, version)
+        return children
 
     def forget_version(self, model: str, version: str) -> None:
         """Drop the series of an unloaded version so they do not linger at stale values."""
@@ -275,9 +295,13 @@ class Metrics:
             self.queue_wait,
             self.compute,
             self.load_bytes,
+            self.padding_ratio,
         ):
             with contextlib.suppress(KeyError):
                 metric.remove(model, version)
+        for kind in ("real", "padded"):
+            with contextlib.suppress(KeyError):
+                self.batch_tokens.remove(model, version, kind)
 
     def forget_canary(self, model: str, version: str) -> None:
         """Drop a finished or replaced rollout's weight series."""

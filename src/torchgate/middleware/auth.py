@@ -53,4 +53,5 @@ class AuthMiddleware:
         state = scope.setdefault("state", {})
         state["key_name"] = key.name
         state["rate_limit"] = key.rate_limit
+        state["tokens_per_minute"] = key.tokens_per_minute
         await self.app(scope, receive, send)

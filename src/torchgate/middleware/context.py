@@ -97,6 +97,7 @@ def _log_request(
         "version",
         "rows",
         "cache",
+        "tokens",
         "preprocess_ms",
         "queue_ms",
         "compute_ms",

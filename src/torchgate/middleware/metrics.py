@@ -9,7 +9,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from torchgate.metrics import UNKNOWN, Metrics
 
-INFERENCE_ROUTES = ("/predict", "/v1/models/", "/v2/models/")
+INFERENCE_ROUTES = ("/predict", "/v1/models/", "/v2/models/", "/v1/embeddings")
 
 
 class MetricsMiddleware:
@@ -64,7 +64,9 @@ class MetricsMiddleware:
             if (
                 scope["method"] == "POST"
                 and path.startswith(INFERENCE_ROUTES)
-                and (path == "/predict" or path.endswith((":predict", "/infer")))
+                and (
+                    path in ("/predict", "/v1/embeddings") or path.endswith((":predict", "/infer"))
+                )
             ):
                 model = scope.get("state", {}).get("model", UNKNOWN)
                 self._child(m.requests, model, code).inc()

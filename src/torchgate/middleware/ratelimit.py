@@ -73,8 +73,8 @@ class LocalCounters:
     def __len__(self) -> int:
         return len(self._windows)
 
-    def hit(self, key: str, amount: int, window_s: int) -> tuple[bool, int, int]:
-        """Count one hit if it fits: (allowed, remaining, seconds until the window turns)."""
+    def hit(self, key: str, amount: int, window_s: int, cost: int = 1) -> tuple[bool, int, int]:
+        """Count `cost` hits if they fit: (allowed, remaining, seconds until the window turns)."""
         now = self.clock()
         index, into = divmod(now, window_s)
         state = self._windows.get(key)
@@ -83,10 +83,10 @@ class LocalCounters:
         elif state[0] == index - 1:
             state[:] = [int(index), 0, state[1]]
         weighted = state[2] * (1 - into / window_s) + state[1]
-        allowed = weighted + 1 <= amount
+        allowed = weighted + cost <= amount
         if allowed:
-            state[1] += 1
-            weighted += 1
+            state[1] += cost
+            weighted += cost
         return allowed, max(0, math.floor(amount - weighted)), max(1, math.ceil(window_s - into))
 
 
@@ -132,11 +132,11 @@ class RateLimiter:
             item = self._items[spec] = parse(spec)
         return "key", item
 
-    async def hit(self, identity: str, spec: str | None = None) -> Decision:
+    async def hit(self, identity: str, spec: str | None = None, cost: int = 1) -> Decision:
         policy, item = self.item(spec)
         if self._shared is not None and self.clock() >= self._shared_retry_at:
             try:
-                return await self._shared_decision(self._shared, item, identity, policy)
+                return await self._shared_decision(self._shared, item, identity, policy, cost)
             except Exception as exc:  # any backend failure: serve on, with local counters
                 self.metrics.ratelimit_backend_errors.inc()
                 if self._shared_retry_at == 0.0 or self.clock() - self._shared_retry_at > 5:
@@ -147,15 +147,19 @@ class RateLimiter:
                 self._shared_retry_at = self.clock() + SHARED_RETRY_S
         window = item.get_expiry()
         allowed, remaining, reset_s = self._local.hit(
-            f"{identity}/{item.amount}/{window}", item.amount, window
+            f"{identity}/{item.amount}/{window}", item.amount, window, cost
         )
         return Decision(allowed, policy, item.amount, window, remaining, reset_s)
 
     @staticmethod
     async def _shared_decision(
-        limiter: SlidingWindowCounterRateLimiter, item: RateLimitItem, identity: str, policy: str
+        limiter: SlidingWindowCounterRateLimiter,
+        item: RateLimitItem,
+        identity: str,
+        policy: str,
+        cost: int,
     ) -> Decision:
-        allowed = await limiter.hit(item, identity)
+        allowed = await limiter.hit(item, identity, cost=cost)
         reset_at, remaining = await limiter.get_window_stats(item, identity)
         reset_s = max(1, math.ceil(reset_at - time.time()))
         return Decision(allowed, policy, item.amount, item.get_expiry(), remaining, reset_s)

@@ -50,6 +50,14 @@ class TextProcessor:
         """What each model input is padded with to the longest row of a batch."""
         return [self.pad_id if name == self.config.input_ids else 0 for name in self.order]
 
+    def lengths(self, inputs: list[np.ndarray]) -> np.ndarray:
+        """Each row's real tokens in the model inputs this processor made (right-padded)."""
+        if self.config.attention_mask:
+            mask = inputs[self.order.index(self.config.attention_mask)]
+            return np.count_nonzero(mask, axis=1)
+        ids = inputs[self.order.index(self.config.input_ids)]
+        return np.count_nonzero(ids != self.pad_id, axis=1)
+
     def offload(self, items: list[object]) -> bool:
         return sum(len(i) for i in items if isinstance(i, str | bytes)) > OFFLOAD_CHARS
 
@@ -81,6 +89,35 @@ class TextProcessor:
         inputs = [by_name[name].astype(self.dtypes[name], copy=False) for name in self.order]
         keys = [t.encode("utf-8") for t in texts]
         return Prepared(inputs, len(texts), keys, tokens=sum(lengths))
+
+    def prepare_ids(self, rows: list[list[int]]) -> Prepared:
+        """Token ids a client made itself: checked against the vocabulary and the limit,
+        then padded and masked as texts are (no token types: all 0)."""
+        vocabulary = self.tokenizer.get_vocab_size()
+        for i, row in enumerate(rows):
+            if len(row) > self.max_tokens:
+                raise InputRefused(
+                    f"input {i}: {len(row)} tokens, over this model's limit of {self.max_tokens}",
+                    "too_many_tokens",
+                )
+            if any(t < 0 or t >= vocabulary for t in row):
+                raise InputRefused(
+                    f"input {i}: token ids must be between 0 and {vocabulary - 1}", "bad_tokens"
+                )
+        longest = max((len(r) for r in rows), default=1)
+        ids = np.full((len(rows), longest), self.pad_id, dtype=np.int64)
+        mask = np.zeros((len(rows), longest), dtype=np.int64)
+        for i, row in enumerate(rows):
+            ids[i, : len(row)] = row
+            mask[i, : len(row)] = 1
+        by_name = {self.config.input_ids: ids}
+        if self.config.attention_mask:
+            by_name[self.config.attention_mask] = mask
+        if self.config.token_type_ids:
+            by_name[self.config.token_type_ids] = np.zeros_like(ids)
+        inputs = [by_name[name].astype(self.dtypes[name], copy=False) for name in self.order]
+        keys = [b"ids:" + np.asarray(row, dtype="<i8").tobytes() for row in rows]
+        return Prepared(inputs, len(rows), keys, tokens=sum(len(r) for r in rows))
 
     @staticmethod
     def _text(item: object, index: int) -> str:

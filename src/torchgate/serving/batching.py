@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
 from collections import deque
@@ -41,6 +42,10 @@ log = logging.getLogger("torchgate.batching")
 # A request expected to wait longer than this gets a watcher for its client's disconnect;
 # under that, computing a row nobody reads costs less than watching every request.
 LONG_WAIT_S = 0.01
+# A row joins a batch by tokens only while the batch's padded tokens stay within this many
+# times its real ones; rows too unlike in length wait for a batch of their own (the next
+# forward), as dedicated embedding servers sort by length.
+MAX_PADDING = 1.25
 
 
 @dataclass(slots=True)
@@ -62,6 +67,7 @@ class _Pending:
     future: asyncio.Future[BatchResult]
     enqueued: float
     queued: bool = True
+    length: int = 0  # tokens in its one row, when batching by tokens
 
 
 @dataclass(slots=True)
@@ -74,6 +80,9 @@ class BatcherOptions:
     # per input, what rows of different lengths are padded with to form one batch (text:
     # the pad token and a mask of 0); None: rows that do not stack run one request at a time
     pad: tuple[float, ...] | None = None
+    # text: a batch holds at most this many padded tokens (rows x its longest row), and
+    # is packed from queued rows of similar length; None: batches are bounded in rows only
+    max_batch_tokens: int | None = None
 
 
 @dataclass(slots=True)
@@ -112,6 +121,9 @@ class Batcher:
         self._idle.set()
         # read at scrape time: no gauge update (and its lock) on every request
         self.metrics.queue_rows.set_function(lambda: self._queued_rows)
+        self._tokens = [0, 0]  # real and padded tokens computed so far
+        if self.metrics.padding_ratio is not None:
+            self.metrics.padding_ratio.set_function(self.padding_ratio)
         self._runners = [
             Runner(f"runner-{self.model.key}-{i}") for i in range(self.options.instances)
         ]
@@ -151,6 +163,11 @@ class Batcher:
         for runner in self._runners:
             runner.stop()
 
+    def padding_ratio(self) -> float:
+        """Padded tokens over real tokens computed so far (1.0 before any)."""
+        real, padded = self._tokens
+        return padded / real if real else 1.0
+
     @property
     def queued_rows(self) -> int:
         return self._queued_rows
@@ -184,6 +201,18 @@ class Batcher:
         return await self.submit(inputs, rows)
 
     def submit(self, inputs: list[np.ndarray], rows: int) -> asyncio.Future[BatchResult]:
+        self._admit(rows)
+        return self._enqueue(inputs, rows, 0)
+
+    def submit_rows(
+        self, rows: list[tuple[list[np.ndarray], int]]
+    ) -> list[asyncio.Future[BatchResult]]:
+        """Queue each row on its own with its length in tokens (all of them or none), so
+        that rows of many requests are packed by length; one future per row."""
+        self._admit(len(rows))
+        return [self._enqueue(inputs, 1, length) for inputs, length in rows]
+
+    def _admit(self, rows: int) -> None:
         if not self._accepting:
             raise Draining()
         if self._queued_rows + rows > self.options.max_queue_rows:
@@ -192,9 +221,13 @@ class Batcher:
                 f"model {self.model.key} is overloaded: {self._queued_rows} rows queued",
                 retry_after_s=1,
             )
+
+    def _enqueue(
+        self, inputs: list[np.ndarray], rows: int, length: int
+    ) -> asyncio.Future[BatchResult]:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[BatchResult] = loop.create_future()
-        pending = _Pending(inputs, rows, future, self.clock())
+        pending = _Pending(inputs, rows, future, self.clock(), length=length)
         future.add_done_callback(lambda _: self._forget(pending))
         if self._deadline_timer is None:
             self._deadline_timer = loop.call_later(self.options.timeout_s, self._expire_due)
@@ -242,6 +275,8 @@ class Batcher:
 
     def _take(self, batch: list[_Pending], rows: int) -> int:
         """Move queued requests into `batch` while they fit; returns the rows in it."""
+        if self.options.max_batch_tokens is not None:
+            return self._take_by_tokens(batch, rows)
         queue = self._queue
         while queue:
             head = queue[0]
@@ -254,6 +289,41 @@ class Batcher:
             self._forget(head)
             batch.append(head)
             rows += head.rows
+        return rows
+
+    def _take_by_tokens(self, batch: list[_Pending], rows: int) -> int:
+        """Pack rows of similar length: the oldest queued row (so none waits forever), then,
+        from the next few queued, those closest to its length while the batch's padded
+        tokens (rows x the longest) stay within `max_batch_tokens` and within
+        `MAX_PADDING` times its real tokens."""
+        queue = self._queue
+        while queue and not queue[0].queued:
+            queue.popleft()
+        if not queue:
+            return rows
+        budget = self.options.max_batch_tokens or 0
+        if not batch:
+            head = queue.popleft()
+            self._forget(head)
+            batch.append(head)
+            rows += 1
+        anchor = batch[0].length
+        longest = max(p.length for p in batch)
+        real = sum(p.length for p in batch)
+        window = [p for p in itertools.islice(queue, 0, 4 * self._max_rows) if p.queued]
+        window.sort(key=lambda p: abs(p.length - anchor))
+        for candidate in window:
+            if rows >= self._max_rows:
+                break
+            tallest = max(longest, candidate.length)
+            padded = (rows + 1) * max(tallest, 1)
+            if padded > budget or padded > MAX_PADDING * (real + candidate.length):
+                continue
+            self._forget(candidate)  # leaves the deque lazily, when it reaches the head
+            batch.append(candidate)
+            rows += 1
+            longest = tallest
+            real += candidate.length
         return rows
 
     async def _gather(self) -> list[_Pending] | None:
@@ -367,6 +437,8 @@ class Batcher:
         compute_s = self.clock() - started
         self.metrics.compute.observe(compute_s)
         self.metrics.batch_size.observe(rows)
+        if self.options.max_batch_tokens is not None:
+            self._count_tokens(batch)
         if not self._batched:  # one request per forward, outputs without a batch dim
             return [_Outcome(outputs, compute_s=compute_s)]
         top, probability = top_classes(outputs[0]) if self._scored else (None, None)
@@ -395,6 +467,15 @@ class Batcher:
         if self._scored:
             outcome.top, outcome.top_probability = top_classes(outputs[0])
         return outcome
+
+    def _count_tokens(self, batch: list[_Pending]) -> None:
+        real = sum(p.length for p in batch)
+        padded = len(batch) * max(p.length for p in batch)
+        self._tokens[0] += real
+        self._tokens[1] += padded
+        if self.metrics.tokens_real is not None and self.metrics.tokens_padded is not None:
+            self.metrics.tokens_real.inc(real)
+            self.metrics.tokens_padded.inc(padded)
 
     def _judge(self, outcomes: list[_Outcome], instance: int) -> None:
         """Mark failures as the input's fault when the model still works: another request

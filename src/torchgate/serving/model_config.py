@@ -48,6 +48,8 @@ class TensorSpec(_Strict):
 class BatchingConfig(_Strict):
     max_delay_ms: float = Field(0.0, ge=0, le=10_000)
     max_queue_rows: int = Field(2048, ge=1)
+    # text models: padded tokens in one forward; rows of similar length go together
+    max_batch_tokens: int | None = Field(None, ge=1, le=10_000_000)
     timeout_ms: float = Field(10_000.0, gt=0)
     instances: int = Field(1, ge=1, le=64)
 
@@ -65,6 +67,7 @@ class ValidationConfig(_Strict):
 
     min_accuracy: float = Field(0.95, ge=0, le=1)
     max_drop: float = Field(0.01, ge=0, le=1, description="below the default version's accuracy")
+    min_cosine: float = Field(0.99, ge=-1, le=1, description="embeddings: to the expected ones")
 
 
 class CanaryConfig(_Strict):
@@ -133,6 +136,10 @@ class ModelConfig(_Strict):
             self._fits_image(self.preprocess)
         elif isinstance(self.preprocess, TextPreprocess):
             self._fits_text(self.preprocess)
+        if self.batching.max_batch_tokens is not None and not isinstance(
+            self.preprocess, TextPreprocess
+        ):
+            raise ValueError('batching.max_batch_tokens needs [preprocess] kind = "text"')
         post = self.postprocess
         if post is not None and post.top_k is not None:
             if self.labels is None:
@@ -170,6 +177,12 @@ class ModelConfig(_Strict):
                 )
         if not self.batched:
             raise ValueError("preprocess kind text needs max_batch_size above 0")
+        tokens = self.batching.max_batch_tokens
+        if tokens is not None and tokens < pre.max_tokens:
+            raise ValueError(
+                f"batching.max_batch_tokens {tokens} cannot hold one text of "
+                f"preprocess.max_tokens {pre.max_tokens}"
+            )
 
     @property
     def batched(self) -> bool:

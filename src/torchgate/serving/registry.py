@@ -281,9 +281,12 @@ class ModelRegistry:
             timeout_s=(s.batch_timeout_ms or batching.timeout_ms) / 1000,
             instances=batching.instances,
             pad=_pad_values(model),
+            max_batch_tokens=batching.max_batch_tokens,
         )
         version = str(model.version)
-        batcher = Batcher(model, options, self.metrics.for_batcher(model.name, version))
+        tokens = options.max_batch_tokens is not None
+        metrics = self.metrics.for_batcher(model.name, version, tokens=tokens)
+        batcher = Batcher(model, options, metrics)
         batcher.start()
         self.metrics.load_bytes.labels(model.name, version).set(model.load_bytes)
         state_gauge = self.metrics.circuit_state.labels(model.name, version)

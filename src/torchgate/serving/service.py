@@ -24,6 +24,8 @@ from torchgate.errors import (
     InferenceFailed,
 )
 from torchgate.metrics import Metrics
+from torchgate.processors.text import TextProcessor
+from torchgate.serving.batching import BatchResult
 from torchgate.serving.cache import CachePolicy
 from torchgate.serving.canary import Canary
 from torchgate.serving.registry import ModelRegistry, ServedVersion
@@ -95,7 +97,7 @@ class InferenceService:
                 # a request that will be computed within milliseconds gains nothing from a
                 # disconnect watcher: only one that may wait long gets one
                 waits = served.batcher.may_wait_long()
-                future = served.batcher.submit(subset, subset_rows)
+                future = _submit(served, subset, subset_rows)
                 if receive is None or not waits:
                     result = await future
                 else:
@@ -150,6 +152,47 @@ class InferenceService:
         for index, count in enumerate(np.bincount(top, minlength=len(labels))):
             if count:
                 by_class[index].inc(int(count))
+
+
+def _submit(
+    served: ServedVersion, inputs: list[np.ndarray], rows: int
+) -> asyncio.Future[BatchResult]:
+    """Queue a request's rows: as one piece, or for a model batched by tokens row by row,
+    each cut to its own length, so that the batcher packs rows of similar length from
+    every request (a request of many texts then spans several batches)."""
+    batcher = served.batcher
+    pre = served.model.preprocessor
+    if batcher.options.max_batch_tokens is None or not isinstance(pre, TextProcessor):
+        return batcher.submit(inputs, rows)
+    lengths = pre.lengths(inputs).tolist()
+    futures = batcher.submit_rows(
+        [([a[i : i + 1, : max(n, 1)] for a in inputs], n) for i, n in enumerate(lengths)]
+    )
+    return asyncio.ensure_future(_joined(futures))
+
+
+async def _joined(futures: list[asyncio.Future[BatchResult]]) -> BatchResult:
+    """Every row's result, in order, as one; when one fails, the rest are dropped."""
+    try:
+        results = await asyncio.gather(*futures)
+    except BaseException:
+        for future in futures:
+            if not future.done():
+                future.cancel()
+            elif not future.cancelled():
+                future.exception()  # seen: the first failure is the one raised
+        raise
+    if len(results) == 1:
+        return results[0]
+    tops = [r.top for r in results]
+    probabilities = [r.top_probability for r in results]
+    return BatchResult(
+        [np.concatenate(parts) for parts in zip(*(r.outputs for r in results), strict=True)],
+        max(r.queue_s for r in results),
+        max(r.compute_s for r in results),
+        None if any(t is None for t in tops) else np.concatenate(tops),
+        None if any(p is None for p in probabilities) else np.concatenate(probabilities),
+    )
 
 
 async def _watched(canary: Canary, work: Awaitable[T], caller: str) -> T:

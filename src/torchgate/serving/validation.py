@@ -4,7 +4,9 @@ enough before it is served.
 `validation.npz` beside `model.toml` holds `x` (rows shaped like the model's one input;
 for several inputs, one array per input name) and `y` (the true class of each row). A
 version passes when its accuracy is at least `min_accuracy` and no more than `max_drop`
-below the accuracy of the baseline (the version serving by default now). `gate` is the
+below the accuracy of the baseline (the version serving by default now). An embedding
+model's set holds `texts` and their expected `embeddings` instead: a version passes when
+the cosine of every text's embedding to the expected one is at least `min_cosine`. `gate` is the
 one check both `torchgate validate` (in CI) and an admin load through the API (`screen`,
 which drops the versions that fail) run; it is CPU work, so the server calls it in a
 thread, never on the event loop. Start-up does not run it: that is CI's job.
@@ -37,10 +39,12 @@ class ValidationError(Exception):
 
 @dataclass(slots=True)
 class ValidationSet:
-    """Held-out rows: one array per model input, batch dim first, and their classes."""
+    """Held-out rows: one array per model input, batch dim first, and their classes; or
+    texts (`texts`) and their expected embeddings (in `y`)."""
 
     inputs: list[np.ndarray]
     y: np.ndarray
+    texts: list[str] | None = None
 
     @classmethod
     def read(cls, folder: Path, config: ModelConfig) -> ValidationSet | None:
@@ -53,6 +57,8 @@ class ValidationSet:
                 arrays = dict(data)
         except (OSError, ValueError) as exc:
             raise ValidationError(f"{path.name}: not a readable .npz ({exc})") from None
+        if "texts" in arrays:
+            return cls._embeddings(path, arrays, config)
         single = len(config.inputs) == 1
         names = ["x"] if single else [spec.name for spec in config.inputs]
         missing = [n for n in [*names, "y"] if n not in arrays]
@@ -70,6 +76,22 @@ class ValidationSet:
             inputs.append(array)
         return cls(inputs, y)
 
+    @classmethod
+    def _embeddings(cls, path: Path, arrays: dict[str, np.ndarray], config: ModelConfig):
+        if config.preprocess is None or config.preprocess.kind != "text":
+            raise ValidationError(f"{path.name} holds texts; the model has no text processor")
+        if "embeddings" not in arrays:
+            raise ValidationError(f"{path.name} has texts and no array 'embeddings'")
+        texts = [str(t) for t in arrays["texts"].reshape(-1)]
+        expected = arrays["embeddings"].astype(np.float32)
+        width = config.outputs[0].shape
+        if expected.shape != (len(texts), *width):
+            raise ValidationError(
+                f"{path.name}: 'embeddings' has shape {list(expected.shape)}, expected "
+                f"[{len(texts)}, {', '.join(map(str, width))}]"
+            )
+        return cls([], expected, texts)
+
     def __len__(self) -> int:
         return len(self.y)
 
@@ -84,6 +106,7 @@ class Evaluation:
     recall: dict[str, float]  # class name -> share of its rows classified right
     ms_per_row: float
     model_bytes: int
+    cosine: float | None = None  # an embedding set's lowest cosine to the expected vector
 
 
 @dataclass(slots=True)
@@ -108,6 +131,8 @@ class GateResult:
 
 def evaluate(model: LoadedModel, data: ValidationSet) -> Evaluation:
     """Classify every row (in batches of `max_batch_size`); the top output is the class."""
+    if data.texts is not None:
+        return _evaluate_embeddings(model, data.texts, data.y)
     config = model.config
     step = config.max_batch_size if config.batched else 1
     predicted = np.empty(len(data), dtype=np.int64)
@@ -138,6 +163,34 @@ def evaluate(model: LoadedModel, data: ValidationSet) -> Evaluation:
     )
 
 
+def _evaluate_embeddings(model: LoadedModel, texts: list[str], expected: np.ndarray) -> Evaluation:
+    """Embed every text through the model's own text processor; cosine to the expected."""
+    pre = model.preprocessor
+    assert pre is not None
+    step = model.config.max_batch_size
+    got = []
+    spent = 0.0
+    for start in range(0, len(texts), step):
+        prepared = pre.prepare(list(texts[start : start + step]))
+        began = time.perf_counter()
+        got.append(model.forward(prepared.inputs)[0].reshape(prepared.rows, -1))
+        spent += time.perf_counter() - began
+    vectors = np.concatenate(got).astype(np.float64)
+    target = expected.reshape(len(texts), -1).astype(np.float64)
+    norms = np.linalg.norm(vectors, axis=1) * np.linalg.norm(target, axis=1)
+    cosine = (vectors * target).sum(axis=1) / np.maximum(norms, 1e-12)
+    lowest = float(cosine.min()) if len(texts) else 0.0
+    return Evaluation(
+        version=model.version,
+        rows=len(texts),
+        accuracy=lowest,
+        recall={},
+        ms_per_row=spent * 1000 / max(1, len(texts)),
+        model_bytes=model.load_bytes,
+        cosine=lowest,
+    )
+
+
 def gate(
     candidate: LoadedModel,
     data: ValidationSet,
@@ -153,6 +206,13 @@ def gate(
         result.evaluation = evaluate(candidate, data)
     except Exception as exc:  # a broken version: whatever its forward raises
         result.problems.append(f"forward failed on the validation rows ({_first_line(exc)})")
+        return result
+    if result.evaluation.cosine is not None:  # embeddings: each against its expected vector
+        if result.evaluation.cosine < bounds.min_cosine:
+            result.problems.append(
+                f"cosine {result.evaluation.cosine:.6f} to an expected embedding is under "
+                f"{bounds.min_cosine}"
+            )
         return result
     accuracy = result.evaluation.accuracy
     if accuracy < bounds.min_accuracy:
