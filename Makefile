@@ -19,7 +19,7 @@ STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install install-text models-text serve test lint format bench models clean wheel hadolint image validate \
+.PHONY: install install-text models-text bench-embeddings serve test lint format bench models clean wheel hadolint image validate \
 	manifests rules smoke smoke-k8s canary-gates deploy-canary deploy-production rollback-canary current-image
 
 install: $(STAMP)
@@ -74,6 +74,10 @@ models: install
 
 bench: install
 	$(PY) bench/run.py $(BENCH_ARGS)
+
+# torchgate's /v1/embeddings against Infinity and naive sentence-transformers (about 15 min)
+bench-embeddings: install-text
+	$(PY) bench/embeddings.py $(BENCH_ARGS)
 
 # ---------------------------------------------------------------- the delivery pipeline
 

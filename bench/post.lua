@@ -11,8 +11,11 @@
 -- with probability P, one of the first `pool` templates sent exactly as written: half the
 -- load repeating a few inputs, for the cache cell.
 -- body=FILE: the whole file, bytes as they are, is every request's body (binary tensors).
+-- lines=FILE: one whole body per line; requests go through the lines in order, each
+-- thread from its own place (texts, where the order is the workload: a Zipf sample).
 
 local templates = {}
+local lines = {}
 local fixed_body = nil
 local repeat_share = 0
 local pool_size = 32
@@ -53,6 +56,11 @@ function init(args)
   end
   if options.body then
     fixed_body = read_file(options.body)
+  elseif options.lines then
+    for line in io.lines(options.lines) do
+      lines[#lines + 1] = line
+    end
+    assert(#lines > 0, "no lines in " .. options.lines)
   else
     for line in io.lines(options.bodies) do
       local prefix, number, suffix = line:match("^(.-)\t(.-)\t(.*)$")
@@ -64,13 +72,21 @@ function init(args)
   repeat_share = tonumber(options["repeat"] or "0")
   pool_size = math.min(tonumber(options.pool or "32"), #templates)
   math.randomseed(tonumber(options.seed or "1") + 7919 * (thread_id or 0))
+  if #lines > 0 then
+    next_line = math.random(#lines) - 1
+  end
 end
 
 local next_index = 0
+next_line = 0
 
 function request()
   if fixed_body then
     return wrk.format(nil, nil, nil, fixed_body)
+  end
+  if #lines > 0 then
+    next_line = next_line % #lines + 1
+    return wrk.format(nil, nil, nil, lines[next_line])
   end
   if repeat_share > 0 and math.random() < repeat_share then
     return wrk.format(nil, nil, nil, templates[math.random(pool_size)][4])
