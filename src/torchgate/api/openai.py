@@ -24,6 +24,8 @@ from starlette.responses import Response
 from torchgate.api import inference, prepare
 from torchgate.api.codec import parse_json
 from torchgate.api.deps import read_body
+from torchgate.api.routes import Policy, route
+from torchgate.edge.context import context
 from torchgate.errors import BadRequest, ModelNotFound, TorchgateError
 from torchgate.processors.prepared import InputRefused
 from torchgate.processors.text import TextProcessor
@@ -129,11 +131,11 @@ def error(exc: Exception) -> Response:
     )
 
 
-async def _embeddings(request: Request, name: str | None, version: str | None) -> Response:
+async def embeddings(request: Request) -> Response:
     try:
         return await _answer(request)
     except TorchgateError as exc:
-        request.state.error = exc.message
+        context(request).error = exc.message
         if isinstance(exc, InputRefused) and getattr(exc, "param", None) is None:
             exc.param = "input"  # type: ignore[attr-defined]
         return error(exc)
@@ -188,5 +190,4 @@ def _with_param(exc: TorchgateError, param: str) -> TorchgateError:
     return exc
 
 
-# the hot routes (served by `api.hot.HotRoutes`), each with its handler
-ROUTES = [("/v1/embeddings", _embeddings)]
+ROUTES = [route("/v1/embeddings", "POST", Policy.INFER, embeddings)]

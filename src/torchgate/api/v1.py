@@ -7,19 +7,19 @@ from typing import Any
 
 import numpy as np
 import orjson
-from fastapi import APIRouter, Request
+from starlette.requests import Request
 from starlette.responses import Response
 
 from torchgate.api import inference, prepare
 from torchgate.api.codec import check_rows, check_shape, coerce, parse_json
-from torchgate.api.deps import V1_TYPES, Registry, media_type, read_body
+from torchgate.api.deps import V1_TYPES, media_type, read_body
+from torchgate.api.routes import Policy, route
+from torchgate.edge.context import context
 from torchgate.errors import BadRequest, UnsupportedMediaType
 from torchgate.processors.image import MEDIA_TYPES
 from torchgate.serving.model_config import ModelConfig
 from torchgate.serving.registry import ServedVersion
 from torchgate.serving.service import InferenceResult
-
-router = APIRouter(tags=["v1"])
 
 _DUMPS = orjson.OPT_SERIALIZE_NUMPY
 
@@ -90,9 +90,9 @@ def encode(result: InferenceResult) -> bytes:
     return orjson.dumps(body, option=_DUMPS)
 
 
-async def _predict(request: Request, name: str | None, version: str | None) -> Response:
+async def predict(request: Request) -> Response:
     body = await read_body(request, V1_TYPES)
-    served = inference.resolve(request, name, version)
+    served = inference.resolve(request)
     pre = served.model.preprocessor
     media = media_type(request)
     if media in MEDIA_TYPES:  # a raw image body: one row
@@ -138,17 +138,9 @@ async def _processed(
     )
 
 
-# the hot routes (served by `api.hot.HotRoutes`), each with its handler
-ROUTES = [
-    ("/predict", _predict),
-    ("/v1/models/{name}:predict", _predict),
-    ("/v1/models/{name}/versions/{version}:predict", _predict),
-]
-
-
-@router.get("/v1/models/{name}", summary="Status of a model's versions")
-async def model_status(name: str, registry: Registry) -> Response:
-    served = registry.get(name)
+async def model_status(request: Request) -> Response:
+    """`GET /v1/models/{name}`: the state of a model's versions."""
+    served = inference.registry_of(request).get(context(request).params["name"])
     body = {
         "name": served.name,
         "default_version": str(served.default_version),
@@ -164,3 +156,11 @@ async def model_status(name: str, registry: Registry) -> Response:
         ],
     }
     return Response(orjson.dumps(body), media_type="application/json")
+
+
+ROUTES = [
+    route("/predict", "POST", Policy.INFER, predict),
+    route("/v1/models/{name}:predict", "POST", Policy.INFER, predict),
+    route("/v1/models/{name}/versions/{version}:predict", "POST", Policy.INFER, predict),
+    route("/v1/models/{name}", "GET", Policy.INFER, model_status),
+]

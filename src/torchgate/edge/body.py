@@ -13,10 +13,10 @@ import asyncio
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from torchgate.edge.context import header
+from torchgate.edge.responses import send_error
 from torchgate.errors import PayloadTooLarge, RequestTimeout
 from torchgate.metrics import Metrics
-from torchgate.middleware.context import header
-from torchgate.middleware.responses import send_error
 
 _CLOSE = {"Connection": "close"}
 

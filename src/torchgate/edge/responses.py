@@ -1,4 +1,4 @@
-"""Refusing a request from middleware: send a JSON error response, never raise."""
+"""Refusing a request at the edge: send a JSON error response, never raise."""
 
 from __future__ import annotations
 
