@@ -137,8 +137,11 @@ def _disconnect(receive: Receive) -> Callable[[], Awaitable[None]]:
     return disconnected
 
 
-def cache_header(request: Request, result: InferenceResult) -> dict[str, str]:
+_X_CACHE = {v: (b"x-cache", v.encode()) for v in ("HIT", "MISS", "PARTIAL")}
+
+
+def cache_header(request: Request, result: InferenceResult) -> list[tuple[bytes, bytes]]:
     """`X-Cache`, unless it would tell one key what another asked (a shared cache)."""
     if result.cache and context(request).cache_visible:
-        return {"X-Cache": result.cache}
-    return {}
+        return [_X_CACHE[result.cache]]
+    return []

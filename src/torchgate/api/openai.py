@@ -26,6 +26,7 @@ from torchgate.api.codec import parse_json
 from torchgate.api.deps import read_body
 from torchgate.api.routes import Policy, route
 from torchgate.edge.context import context
+from torchgate.edge.responses import Answer
 from torchgate.errors import BadRequest, ModelNotFound, TorchgateError
 from torchgate.processors.prepared import InputRefused
 from torchgate.processors.text import TextProcessor
@@ -131,7 +132,7 @@ def error(exc: Exception) -> Response:
     )
 
 
-async def embeddings(request: Request) -> Response:
+async def embeddings(request: Request) -> Response | Answer:
     try:
         return await _answer(request)
     except TorchgateError as exc:
@@ -141,7 +142,7 @@ async def embeddings(request: Request) -> Response:
         return error(exc)
 
 
-async def _answer(request: Request) -> Response:
+async def _answer(request: Request) -> Answer:
     body = await read_body(request)
     asked = await inference.decode(body, lambda: decode(parse_json(body)))
     try:
@@ -180,9 +181,7 @@ async def _answer(request: Request) -> Response:
     if post is not None:
         vectors = post.predictions(vectors)
     content = encode(vectors, asked, served.name, prepared.tokens)
-    return Response(
-        content, media_type="application/json", headers=inference.cache_header(request, result)
-    )
+    return Answer(content, headers=inference.cache_header(request, result))
 
 
 def _with_param(exc: TorchgateError, param: str) -> TorchgateError:

@@ -22,9 +22,9 @@ from enum import Enum
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.types import ASGIApp
 
-Handler = Callable[[Request], Awaitable[Response]]
+Handler = Callable[[Request], Awaitable[ASGIApp]]  # the answer: a response, sent as ASGI
 ADMIN_PATHS = ("/admin", "/v2/repository")
 
 

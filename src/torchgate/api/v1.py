@@ -15,6 +15,7 @@ from torchgate.api.codec import check_rows, check_shape, coerce, parse_json
 from torchgate.api.deps import V1_TYPES, media_type, read_body
 from torchgate.api.routes import Policy, route
 from torchgate.edge.context import context
+from torchgate.edge.responses import Answer
 from torchgate.errors import BadRequest, UnsupportedMediaType
 from torchgate.processors.image import MEDIA_TYPES
 from torchgate.serving.model_config import ModelConfig
@@ -90,7 +91,7 @@ def encode(result: InferenceResult) -> bytes:
     return orjson.dumps(body, option=_DUMPS)
 
 
-async def predict(request: Request) -> Response:
+async def predict(request: Request) -> Answer:
     body = await read_body(request, V1_TYPES)
     served = inference.resolve(request)
     pre = served.model.preprocessor
@@ -121,11 +122,7 @@ async def predict(request: Request) -> Response:
         else:
             inputs, rows = found
             result = await inference.run(request, served, inputs, rows)
-    return Response(
-        encode(result),
-        media_type="application/json",
-        headers=inference.cache_header(request, result),
-    )
+    return Answer(encode(result), headers=inference.cache_header(request, result))
 
 
 async def _processed(

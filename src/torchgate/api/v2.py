@@ -21,6 +21,7 @@ from torchgate.api.health import readiness_problems
 from torchgate.api.routes import Policy, route
 from torchgate.api.v2_codec import InferRequest, decode, encode
 from torchgate.edge.context import context
+from torchgate.edge.responses import BINARY, Answer
 from torchgate.errors import ModelNotFound, ModelNotReady, Unavailable
 from torchgate.serving.breaker import BreakerState
 from torchgate.serving.model_config import TensorSpec
@@ -101,7 +102,7 @@ async def model_ready(request: Request) -> Response:
     return _json({"name": served.name, "version": str(served.version), "ready": True})
 
 
-async def infer(request: Request) -> Response:
+async def infer(request: Request) -> Answer:
     """`POST /v2/models/{name}[/versions/{version}]/infer`, JSON or binary tensors."""
     body = await read_body(request, V2_TYPES)
     served = inference.resolve(request)
@@ -128,9 +129,9 @@ async def infer(request: Request) -> Response:
     content, header_length = encode(result, decoded)
     headers = inference.cache_header(request, result)
     if header_length is None:
-        return Response(content, media_type="application/json", headers=headers)
-    headers[binary.HEADER_LENGTH] = str(header_length)
-    return Response(content, media_type="application/octet-stream", headers=headers)
+        return Answer(content, headers=headers)
+    headers.append((b"inference-header-content-length", str(header_length).encode()))
+    return Answer(content, BINARY, headers)
 
 
 ROUTES = [

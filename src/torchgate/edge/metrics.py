@@ -25,6 +25,9 @@ class MetricsMiddleware:
         # its arguments on every call. Bounded as the series are: routes, methods, codes,
         # models.
         self._children: dict[tuple[Any, ...], Any] = {}
+        # requests in flight: a plain count, read at scrape time (no lock per request)
+        self._inflight = 0
+        metrics.inflight.set_function(lambda: self._inflight)
 
     def _child(self, metric: Any, *values: str) -> Any:
         key = (metric, *values)
@@ -39,11 +42,11 @@ class MetricsMiddleware:
             return
         m = self.metrics
         ctx = scope["torchgate"]
-        m.inflight.inc()
+        self._inflight += 1
         try:
             await self.app(scope, receive, send)
         finally:
-            m.inflight.dec()
+            self._inflight -= 1
             route = ctx.route
             code = str(ctx.status)
             template = route.template if route is not None else "unmatched"
