@@ -49,7 +49,9 @@ def test_shape_mismatch_stops_serve(tmp_path: Path):
     )
     result = _serve(tmp_path)
     assert result.returncode != 0
-    assert "declares [1, 12]" in result.stderr.strip().splitlines()[-1]
+    assert "output 'logits' gives rows of [10], model.toml declares [12]" in (
+        result.stderr.strip().splitlines()[-1]
+    )
 
 
 def test_missing_repository_and_bad_setting(tmp_path: Path):
@@ -64,3 +66,71 @@ def test_serve_runs_and_stops_cleanly(tmp_path: Path):
     with server_process("--models", str(tmp_path), "--no-auth") as (proc, url):
         assert httpx.get(url + "/health/ready").status_code == 200
     assert proc.returncode == 0
+
+
+def _without_preprocess(toml: Path) -> str:
+    text = toml.read_text()
+    return text[: text.index("# A picture")]
+
+
+def test_input_shape_the_model_cannot_take_names_the_cause_and_the_shapes(tmp_path: Path):
+    folder = copy_digits(tmp_path)
+    toml = folder / "model.toml"
+    toml.write_text(_without_preprocess(toml).replace("shape = [1, 8, 8]", "shape = [1, 6, 6]"))
+    result = _serve(tmp_path)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    line = lines[0]
+    assert "digits/1/model.pt: the model fails on the inputs model.toml declares" in line
+    assert "input 'input' FP32 [1, 6, 6] per row, run as [1, 1, 6, 6]" in line
+    # the TorchScript interpreter's last line: the cause, not its preamble
+    assert line.endswith("mat1 and mat2 shapes cannot be multiplied (1x288 and 512x64)"), line
+    assert "TorchScript interpreter" not in line and "RuntimeError" not in line
+
+
+def test_several_problems_in_model_toml_are_each_listed_in_plain_words(tmp_path: Path):
+    folder = copy_digits(tmp_path)
+    toml = folder / "model.toml"
+    text = _without_preprocess(toml)
+    text = text.replace('datatype = "FP32"\nshape = [1, 8, 8]', 'datatype = "FP33"\nshape = [1, 8, 8]')
+    text = text.replace("max_batch_size = 64", "max_batch_size = -1\nmax_batchsize = 8")
+    text = text.replace("timeout_ms = 10000", "timeout_ms = 0")
+    text = text.replace("instances = 1", 'instances = "two"')
+    toml.write_text(text)
+    result = _serve(tmp_path)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    line = lines[0]
+    for problem in (
+        "max_batch_size: must be at least 0",
+        "max_batchsize: unknown key",
+        "inputs[0].datatype: must be one of BOOL, UINT8",
+        "BF16, BYTES, not 'FP33'",
+        "batching.timeout_ms: must be over 0",
+        "batching.instances: must be an integer",
+    ):
+        assert problem in line, line
+    for artefact in ("Value error", "more)", "Input should", "Field required", "type=", "[type"):
+        assert artefact not in line, line
+
+
+def test_each_missing_field_of_model_toml_is_named(tmp_path: Path):
+    folder = copy_digits(tmp_path)
+    toml = folder / "model.toml"
+    toml.write_text(
+        _without_preprocess(toml)
+        .replace('datatype = "FP32"\nshape = [1, 8, 8]', "")
+        .replace('name = "logits"\n', "")
+    )
+    result = _serve(tmp_path)
+    line = result.stderr.strip()
+    assert result.returncode != 0 and "\n" not in line, line
+    for problem in (
+        "inputs[0].datatype: required, and missing",
+        "inputs[0].shape: required, and missing",
+        "outputs[0].name: required, and missing",
+    ):
+        assert problem in line, line
+    assert "more)" not in line and "Field required" not in line

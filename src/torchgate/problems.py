@@ -77,6 +77,18 @@ def message(error: dict[str, Any]) -> str:
     for prefix in _PREFIXES:
         if text.startswith(prefix):
             text = text[len(prefix) :]
+    loc = error.get("loc") or ()
+    if loc and isinstance(loc[-1], str) and text.startswith(f"{loc[-1]} must "):
+        text = text[len(loc[-1]) + 1 :]  # "datatype: datatype must be ..." says it twice
+    given = error.get("input")
+    if (
+        kind == "value_error"
+        and text.startswith("must ")
+        and isinstance(given, str | int | float)
+        and repr(given) not in text
+    ):
+        shown = repr(given) if len(repr(given)) <= 60 else repr(given)[:57] + "..."
+        text = f"{text}, not {shown}"
     return text
 
 
