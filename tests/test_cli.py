@@ -49,8 +49,9 @@ def test_shape_mismatch_stops_serve(tmp_path: Path):
     )
     result = _serve(tmp_path)
     assert result.returncode != 0
-    assert "output 'logits' gives rows of [10], model.toml declares [12]" in (
-        result.stderr.strip().splitlines()[-1]
+    assert (
+        "output 'logits' gives rows of [10], model.toml declares [12]"
+        in (result.stderr.strip().splitlines()[-1])
     )
 
 
@@ -93,7 +94,9 @@ def test_several_problems_in_model_toml_are_each_listed_in_plain_words(tmp_path:
     folder = copy_digits(tmp_path)
     toml = folder / "model.toml"
     text = _without_preprocess(toml)
-    text = text.replace('datatype = "FP32"\nshape = [1, 8, 8]', 'datatype = "FP33"\nshape = [1, 8, 8]')
+    text = text.replace(
+        'datatype = "FP32"\nshape = [1, 8, 8]', 'datatype = "FP33"\nshape = [1, 8, 8]'
+    )
     text = text.replace("max_batch_size = 64", "max_batch_size = -1\nmax_batchsize = 8")
     text = text.replace("timeout_ms = 10000", "timeout_ms = 0")
     text = text.replace("instances = 1", 'instances = "two"')
