@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
 from pathlib import Path
 
 import httpx
 
-from tests.support import copy_digits, run_cli, server_process
+from tests.support import MODELS, copy_digits, free_port, run_cli, server_process
 
 
 def _serve(models: Path):
@@ -137,3 +144,73 @@ def test_each_missing_field_of_model_toml_is_named(tmp_path: Path):
     ):
         assert problem in line, line
     assert "more)" not in line and "Field required" not in line
+
+
+def test_a_port_in_use_is_found_before_any_model_loads(tmp_path: Path):
+    copy_digits(tmp_path)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        started = time.monotonic()
+        result = run_cli("serve", "--models", str(tmp_path), "--port", str(port), "--no-auth")
+        elapsed = time.monotonic() - started
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"torchgate: error: cannot listen on 127.0.0.1:{port}: the port is in use by another "
+        "process; stop it or pick another port (--port or TORCHGATE_PORT)"
+    ]
+    assert result.stdout == ""  # no model was loaded, nothing started or shut down
+    assert elapsed < 20
+
+
+def test_api_key_flags_serve_those_keys_and_never_log_them(tmp_path: Path):
+    copy_digits(tmp_path)
+    first, second = "dev-key-" + "a" * 24, "dev-key-" + "b" * 24
+    port = free_port()
+    with tempfile.TemporaryFile(mode="w+") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "torchgate", "serve", "--models", str(tmp_path)]
+            + ["--port", str(port), "--api-key", first, "--api-key", second],
+            env={**os.environ, "TORCHGATE_RATE_LIMIT": "off"},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        try:
+            url = f"http://127.0.0.1:{port}"
+            wait_ready(proc, url)
+            body = (MODELS / "digits" / "example.json").read_bytes()
+            for key in (first, second):
+                answer = httpx.post(
+                    url + "/predict", content=body, headers={"Authorization": f"Bearer {key}"}
+                )
+                assert answer.status_code == 200, answer.text
+            refused = httpx.post(url + "/predict", content=body, headers={"X-API-Key": "other"})
+            assert refused.status_code == 401
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=60)
+        log.seek(0)
+        text = log.read()
+    assert '"key_name": "env-1"' in text.replace('":"', '": "')  # logs name the key...
+    assert first not in text and second not in text  # ...never the key itself
+
+
+def test_api_key_with_a_comma_is_refused():
+    result = run_cli("serve", "--api-key", "one,two")
+    assert result.returncode == 2
+    assert "--api-key: a key must be non-empty, without commas" in result.stderr
+
+
+def wait_ready(proc: subprocess.Popen, url: str) -> None:
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "the server exited"
+        try:
+            if httpx.get(url + "/health/ready", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError("the server did not become ready")
