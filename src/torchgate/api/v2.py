@@ -16,7 +16,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from torchgate import __version__
-from torchgate.api import binary, inference, prepare, v2_repository
+from torchgate.api import binary, inference, prepare, v2_repository, v2_stats
 from torchgate.api.codec import (
     check_declared,
     check_rows,
@@ -25,8 +25,9 @@ from torchgate.api.codec import (
     element_count,
     parse_json,
 )
-from torchgate.api.deps import V2_TYPES, Registry, read_body
+from torchgate.api.deps import V2_TYPES, MetricsDep, Registry, read_body
 from torchgate.api.health import readiness_problems
+from torchgate.api.v2_stats import PLATFORM
 from torchgate.errors import BadRequest, ModelNotFound, ModelNotReady, Unavailable
 from torchgate.serving.breaker import BreakerState
 from torchgate.serving.datatypes import NUMPY
@@ -37,8 +38,7 @@ from torchgate.serving.service import InferenceResult
 router = APIRouter(tags=["v2"])
 router.include_router(v2_repository.router)
 
-PLATFORM = "pytorch_libtorch"
-EXTENSIONS = ["binary_tensor_data", "model_repository"]
+EXTENSIONS = ["binary_tensor_data", "model_repository", "model_configuration", "statistics"]
 
 _DUMPS = orjson.OPT_SERIALIZE_NUMPY
 _ENVELOPE = 'expected a JSON object {"inputs": [{"name", "shape", "datatype", "data"}, ...]}'
@@ -288,6 +288,12 @@ def model_metadata(served: ServedModel) -> dict[str, Any]:
     return body
 
 
+# before "/v2/models/{name}": "stats" is every model's statistics, as in Triton
+@router.get("/v2/models/stats", summary="Inference statistics of every model")
+async def all_statistics(registry: Registry, metrics: MetricsDep) -> Response:
+    return _json(v2_stats.statistics(registry, metrics, None, None))
+
+
 @router.get("/v2/models/{name}", summary="Model metadata")
 async def metadata(name: str, registry: Registry) -> Response:
     return _json(model_metadata(registry.get(name)))
@@ -297,6 +303,32 @@ async def metadata(name: str, registry: Registry) -> Response:
 async def version_metadata(name: str, version: str, registry: Registry) -> Response:
     registry.resolve(name, version)
     return _json(model_metadata(registry.get(name)))
+
+
+@router.get("/v2/models/{name}/config", summary="Model configuration (Triton's shape)")
+async def model_config(name: str, registry: Registry) -> Response:
+    return _json(v2_stats.model_config(registry.get(name), registry.resolve(name)))
+
+
+@router.get(
+    "/v2/models/{name}/versions/{version}/config", summary="Model configuration, one version"
+)
+async def version_config(name: str, version: str, registry: Registry) -> Response:
+    return _json(v2_stats.model_config(registry.get(name), registry.resolve(name, version)))
+
+
+@router.get("/v2/models/{name}/stats", summary="Inference statistics of a model's versions")
+async def model_statistics(name: str, registry: Registry, metrics: MetricsDep) -> Response:
+    return _json(v2_stats.statistics(registry, metrics, name, None))
+
+
+@router.get(
+    "/v2/models/{name}/versions/{version}/stats", summary="Inference statistics of one version"
+)
+async def version_statistics(
+    name: str, version: str, registry: Registry, metrics: MetricsDep
+) -> Response:
+    return _json(v2_stats.statistics(registry, metrics, name, version))
 
 
 async def _model_ready(registry: ModelRegistry, name: str, version: str | None) -> Response:
