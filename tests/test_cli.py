@@ -214,3 +214,20 @@ def wait_ready(proc: subprocess.Popen, url: str) -> None:
             pass
         time.sleep(0.1)
     raise AssertionError("the server did not become ready")
+
+
+def test_every_problem_of_a_keys_file_is_listed_in_plain_words(tmp_path: Path):
+    keys = tmp_path / "keys.toml"
+    keys.write_text('[[keys]]\nsha256 = "xyz"\nscopes = ["root"]\nrate_limit = "lots"\n')
+    result = run_cli("serve", "--api-keys-file", str(keys), "--port", "0")
+    assert result.returncode == 2
+    line = result.stderr.strip()
+    assert "\n" not in line
+    for problem in (
+        "keys[0].name: required, and missing",
+        "keys[0].sha256: must be the key's SHA-256 as 64 lowercase hex digits",
+        "keys[0].scopes[0]: must be 'infer' or 'admin'",
+        "keys[0].rate_limit: must read like '1000/minute' or '10 per second', not 'lots'",
+    ):
+        assert problem in line, line
+    assert "String should" not in line and "pattern" not in line and "more)" not in line
