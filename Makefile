@@ -19,7 +19,7 @@ STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install install-text models-text bench-embeddings serve test lint format bench models clean wheel hadolint image validate \
+.PHONY: install install-text models-text bench-embeddings serve test lint format bench models clean wheel hadolint image validate perf-analyzer \
 	manifests rules smoke smoke-k8s canary-gates deploy-canary deploy-production rollback-canary current-image
 
 install: $(STAMP)
@@ -45,15 +45,22 @@ $(TEXT_STAMP): $(STAMP)
 models-text: install-text
 	$(PY) scripts/export_minilm.py --out models/minilm
 
-# A local development key, created on first run, kept out of git (.gitignore).
+# A local development key, created on first run, kept out of git (.gitignore). Its own
+# rate limit is generous so that a first loop of requests is not mostly 429s; change it
+# with `make serve DEV_RATE_LIMIT=1000/minute` (the key stays the same).
 DEV_KEY := .dev-key
 DEV_KEYS := .dev-keys.toml
+DEV_RATE_LIMIT ?= 100000/minute
 
 serve: install
 	@if [ ! -s $(DEV_KEY) ] || [ ! -s $(DEV_KEYS) ]; then rm -f $(DEV_KEY) $(DEV_KEYS); \
-	  $(VENV)/bin/torchgate keys new --name dev --scope admin \
+	  $(VENV)/bin/torchgate keys new --name dev --scope admin --rate-limit '$(DEV_RATE_LIMIT)' \
 	    --key-file $(DEV_KEY) --keys-file $(DEV_KEYS) >/dev/null && \
-	  echo "created a development API key in $(DEV_KEY) (git-ignored)"; fi
+	  echo "created a development API key in $(DEV_KEY) (git-ignored)"; \
+	elif grep -q '^rate_limit = ' $(DEV_KEYS); then \
+	  sed -i 's|^rate_limit = .*|rate_limit = "$(DEV_RATE_LIMIT)"|' $(DEV_KEYS); \
+	else echo 'rate_limit = "$(DEV_RATE_LIMIT)"' >> $(DEV_KEYS); fi
+	@echo "the key in $(DEV_KEY) has the admin scope and a limit of $(DEV_RATE_LIMIT) (make serve DEV_RATE_LIMIT=... to change it)"
 	@echo "try: curl -s http://$(HOST):$(PORT)/predict -H \"Authorization: Bearer $$(cat $(DEV_KEY))\" -H 'content-type: application/json' -d @models/digits/example.json"
 	TORCHGATE_API_KEYS_FILE=$(DEV_KEYS) $(VENV)/bin/torchgate serve --models models \
 	  --default-model digits --host $(HOST) --port $(PORT) $(SERVE_ARGS)
@@ -78,6 +85,12 @@ bench: install
 # torchgate's /v1/embeddings against Infinity and naive sentence-transformers (about 15 min)
 bench-embeddings: install-text
 	$(PY) bench/embeddings.py $(BENCH_ARGS)
+
+# Triton's perf_analyzer against torchgate over HTTP, digits at concurrency 1 to 8 (about a
+# minute). The first run installs the tool into build/perf-analyzer (the tritonclient 2.40.0
+# wheel carries the binary; libcudart from nvidia-cuda-runtime-cu12; Debian's libb64-0d).
+perf-analyzer: install
+	$(PY) scripts/perf_analyzer.py $(PERF_ARGS)
 
 # ---------------------------------------------------------------- the delivery pipeline
 

@@ -16,12 +16,14 @@ import httpx
 import pytest
 from prometheus_client import CollectorRegistry
 
+from tests.browser import Browser, chromium
 from tests.support import Doubler, ServerThread, doubler_toml, slow_row, write_model
 from torchgate.config import Settings
 from torchgate.dashboard import Sampler, quantile
 from torchgate.metrics import Metrics
 
 SCREENSHOT_COPY = Path("/tmp/torchgate-dashboard.png")
+SCREENSHOTS = Path("/tmp")  # torchgate-dashboard-<width>.png, for a person to look at
 
 
 class FakeClock:
@@ -56,8 +58,26 @@ def test_first_sample_is_the_baseline_then_rates_are_per_second(metrics: Metrics
     assert sample.t == 2.0 and sample.interval_s == 2.0
     assert sample.rps == 50.0
     assert sample.error_rate == 0.04  # 5xx only: 4 of 100
-    assert sample.status == {"2xx": 45.0, "4xx": 3.0, "5xx": 2.0}
+    assert sample.refused_rate == 0.06 and sample.limited_rate == 0.0
+    assert sample.status == {"2xx": 45.0, "4xx": 3.0, "429": 0.0, "5xx": 2.0}
+    assert sample.counts == {"2xx": 90, "4xx": 6, "429": 0, "5xx": 4}
     assert list(sampler.samples) == [sample]
+
+
+def test_rate_limited_answers_are_counted_apart_from_other_refusals(metrics: Metrics):
+    clock = FakeClock()
+    sampler = Sampler(metrics, clock=clock)
+    sampler.sample()
+    metrics.requests.labels("m", "200").inc(25)
+    metrics.requests.labels("_unknown", "429").inc(70)  # refused at the edge: no model yet
+    metrics.requests.labels("m", "400").inc(4)
+    metrics.requests.labels("_unknown", "401").inc(1)
+    clock.now += 1.0
+    sample = sampler.sample()
+    assert sample is not None
+    assert sample.counts == {"2xx": 25, "4xx": 5, "429": 70, "5xx": 0}
+    assert sample.refused_rate == 0.05 and sample.limited_rate == 0.7
+    assert sample.error_rate == 0.0
 
 
 def test_percentiles_interpolate_within_the_latency_buckets(metrics: Metrics):
@@ -144,6 +164,26 @@ def test_a_series_that_restarts_counts_its_whole_new_value(metrics: Metrics):
     sample = sampler.sample()
     assert sample is not None
     assert sample.forwards_per_s == 1.0 and sample.batch_fill == 0.5
+
+
+def test_now_summarises_the_last_minute_by_default(metrics: Metrics):
+    clock = FakeClock()
+    sampler = Sampler(metrics, clock=clock)
+    sampler.sample()
+    metrics.requests.labels("m", "200").inc(120)  # a burst, then a minute less a second idle
+    metrics.requests.labels("_unknown", "429").inc(30)
+    clock.now += 1.0
+    sampler.sample()
+    for _ in range(59):
+        clock.now += 1.0
+        sampler.sample()
+    assert sampler.now is not None and sampler.now.interval_s == 60.0
+    assert sampler.now.counts["2xx"] == 120 and sampler.now.counts["429"] == 30
+    assert sampler.now.rps == 2.5 and sampler.now.limited_rate == 0.2
+    assert sampler.samples[-1].rps == 0.0  # the last second alone: idle
+    clock.now += 1.0
+    sampler.sample()  # a minute on, the burst has left the summary
+    assert sampler.now.counts["2xx"] == 0 and sampler.now.rps == 0.0
 
 
 def test_ring_buffer_keeps_the_window_and_now_spans_the_last_intervals(metrics: Metrics):
@@ -241,14 +281,6 @@ def test_dashboard_is_open_like_metrics_unless_metrics_require_a_key(doubler, ma
 # the page in a real browser ---------------------------------------------------------------
 
 
-def chromium() -> str:
-    for name in ("chromium", "chromium-browser", "google-chrome"):
-        found = shutil.which(name)
-        if found:
-            return found
-    pytest.skip("Chromium is not installed (apt-get install -y chromium)")
-
-
 def browse(binary: str, url: str, profile: Path, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [
@@ -332,3 +364,113 @@ def test_page_shows_live_rps_and_latency_in_chromium(loaded_server: str, tmp_pat
     assert shot.returncode == 0, shot.stderr[-2000:]
     assert screenshot.stat().st_size > 20_000  # a drawn page, not a blank one
     shutil.copyfile(screenshot, SCREENSHOT_COPY)
+
+
+# after a burst with refusals, rate limits and failures -------------------------------------
+
+
+@pytest.fixture
+def burst_server(doubler: Path, make_settings: Callable[..., Settings]) -> Iterator[str]:
+    """A server (60 requests a minute per address) after a burst of 90 requests: 400s,
+    500s, then 429s once the limit is spent; idle since."""
+    with ServerThread(make_settings(models=doubler, rate_limit="60/minute")) as server:
+        with httpx.Client(base_url=server.url, timeout=30) as client:
+            for i in range(90):
+                if i % 9 == 4:
+                    body: object = {"instances": [[666.0, 0.0, 0.0, 0.0]]}  # the model fails
+                elif i % 9 == 7:
+                    body = {"instances": [[1.0, 2.0]]}  # the wrong row shape
+                else:
+                    body = {"instances": [[float(i % 4), 1.0, 2.0, 3.0]]}
+                client.post("/predict", json=body)
+        time.sleep(2.5)  # the sampler's next readings take the whole burst in
+        yield server.url
+
+
+def answers_by_class(metrics_text: str) -> dict[str, int]:
+    """`ai_requests_total` summed over models by the dashboard's status classes."""
+    found = dict.fromkeys(("2xx", "4xx", "429", "5xx"), 0)
+    for line in metrics_text.splitlines():
+        match = re.match(r'^ai_requests_total\{.*status="(\d+)".*\} (\S+)$', line)
+        if match:
+            status = match.group(1)
+            found[status if status == "429" else f"{status[0]}xx"] += int(float(match.group(2)))
+    return found
+
+
+# what a person sees: nothing wider than the window, no clipped label or number, and where
+# the tiles and sections are
+LAYOUT = """(() => {
+  const clipped = (el) => el.scrollWidth > el.clientWidth + 1;
+  const box = (el) => el.getBoundingClientRect();
+  const text = [...document.querySelectorAll(
+    '.tile .label, .tile .value, .tile .sub, figcaption, h2')];
+  const legendItems = [...document.querySelectorAll('.legend span')].filter((item) =>
+    box(item).right > box(item.parentElement).right + 1);
+  const values = {};
+  for (const el of document.querySelectorAll('[data-value]')) values[el.id] = el.dataset.value;
+  const legends = {};
+  for (const el of document.querySelectorAll('.legend')) legends[el.id] = el.textContent;
+  return {
+    overflow: document.documentElement.scrollWidth - window.innerWidth,
+    clipped: text.filter(clipped).map((el) => el.textContent.trim()),
+    legendOverflow: legendItems.map((el) => el.textContent),
+    tileWidths: [...document.querySelectorAll('.tile')].map((el) => box(el).width),
+    tileRows: new Set([...document.querySelectorAll('.tile')].map((el) => box(el).top)).size,
+    canvasWidths: [...document.querySelectorAll('canvas')].map((el) => box(el).width),
+    sections: Object.fromEntries([...document.querySelectorAll('section')].map(
+      (el) => [el.id, [box(el).left, box(el).width]])),
+    values, legends,
+    span: document.getElementById('overview-span').textContent,
+    filled: document.querySelector('main').getBoundingClientRect().bottom / window.innerHeight,
+  };
+})()"""
+
+
+def test_dashboard_after_a_burst_counts_the_refusals_and_reads_at_every_width(
+    burst_server: str, tmp_path: Path
+):
+    url = burst_server + "/dashboard"
+    counted = answers_by_class(httpx.get(burst_server + "/metrics").text)
+    assert counted["4xx"] > 0 and counted["429"] > 0 and counted["5xx"] > 0
+    total = sum(counted.values())
+    assert total == 90
+
+    with Browser(tmp_path / "profile") as browser:
+        for width, mobile in ((1400, False), (760, False), (390, True)):
+            browser.open(url, width, mobile=mobile)
+            browser.wait_for("document.getElementById('answered').dataset.value === '90'")
+            page = browser.evaluate(LAYOUT)
+
+            # the numbers on the page are /metrics' (the burst is all within the minute)
+            values = {k: float(v) for k, v in page["values"].items() if v != ""}
+            assert values["answered"] == total
+            for cls in ("4xx", "429", "5xx"):
+                assert values[f"count-{cls}"] == counted[cls], cls
+            assert values["error-rate"] == pytest.approx(100 * counted["5xx"] / total, abs=1e-3)
+            assert values["refused-rate"] == pytest.approx(100 * counted["4xx"] / total, abs=1e-3)
+            assert values["limited-rate"] == pytest.approx(100 * counted["429"] / total, abs=1e-3)
+            assert 0 < values["p50"] <= values["p95"] <= values["p99"]
+            assert values["models-loaded"] == 1
+            status_legend = page["legends"]["legend-status"]
+            for cls in ("2xx", "4xx", "429", "5xx"):
+                assert f"{cls}{counted[cls]} (" in status_legend, status_legend
+            assert page["span"].startswith("last")
+
+            # readable at this width
+            assert page["overflow"] <= 0, (width, page["overflow"])
+            assert page["clipped"] == [], (width, page["clipped"])
+            assert page["legendOverflow"] == [], (width, page["legendOverflow"])
+            assert min(page["tileWidths"]) >= 120, (width, page["tileWidths"])
+            assert min(page["canvasWidths"]) >= 250, (width, page["canvasWidths"])
+            latency, answers = page["sections"]["latency"], page["sections"]["errors"]
+            assert page["filled"] >= 0.85, (width, page["filled"])  # no empty half page
+            if width == 1400:
+                assert page["tileRows"] == 1  # every tile in one row
+                assert answers[0] > latency[0] + latency[1] - 1  # side by side
+            else:
+                assert answers[0] == latency[0] and answers[1] == latency[1]  # one column
+            if width in (1400, 760):
+                shot = SCREENSHOTS / f"torchgate-dashboard-{width}.png"
+                browser.screenshot(shot)
+                assert shot.stat().st_size > 30_000  # a drawn page, not a blank one

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import logging
 import os
 import re
 import signal
+import socket
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -48,6 +50,14 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-timeout-ms", type=float, help="queue deadline for every model")
     p.add_argument("--drain-timeout-s", type=float, help="grace period on SIGTERM")
     p.add_argument("--api-keys-file", type=Path, help="TOML keys file (TORCHGATE_API_KEYS_FILE)")
+    p.add_argument(
+        "--api-key",
+        action="append",
+        dest="plain_keys",
+        metavar="KEY",
+        help="a plain key with scope infer, for development (repeatable; never logged, but "
+        "visible in the process list: use a keys file in production); as TORCHGATE_API_KEYS",
+    )
     p.add_argument("--rate-limit", help="per-key limit, e.g. 100/minute, or off")
     p.add_argument("--redis-url", help="shared limits and cache, e.g. redis://127.0.0.1:6379/0")
     p.add_argument("--model-control", choices=["none", "explicit"], help="allow load/unload")
@@ -62,7 +72,43 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
 
 def _settings(args: argparse.Namespace) -> Settings:
     given = {k: v for k, v in vars(args).items() if v is not None and k in Settings.model_fields}
+    if args.plain_keys:
+        given["api_keys"] = ",".join(args.plain_keys)
     return Settings(**given)
+
+
+def _plain_key_problem(keys: list[str]) -> str | None:
+    for key in keys:
+        if not key.strip() or "," in key or key != key.strip():
+            return "--api-key: a key must be non-empty, without commas or surrounding blanks"
+    return None
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """The server's listening socket, bound before any model is loaded: a port in use is
+    found in a second, not after minutes of loading. uvicorn serves on this very socket."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _bind_problem(host: str, port: int, exc: OSError) -> str:
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if exc.errno == errno.EADDRINUSE:
+        return (
+            f"cannot listen on {where}: the port is in use by another process; "
+            "stop it or pick another port (--port or TORCHGATE_PORT)"
+        )
+    if exc.errno == errno.EACCES:
+        return f"cannot listen on {where}: permission denied (ports under 1024 need privileges)"
+    reason = exc.strerror or str(exc)
+    return f"cannot listen on {where}: {reason} (check --host or TORCHGATE_HOST)"
 
 
 class _Server(uvicorn.Server):
@@ -92,6 +138,9 @@ class _Server(uvicorn.Server):
 
 
 def serve(args: argparse.Namespace) -> int:
+    problem = _plain_key_problem(args.plain_keys or [])
+    if problem:
+        return _fail(problem)
     try:
         settings = _settings(args)
     except pydantic.ValidationError as exc:
@@ -104,9 +153,21 @@ def serve(args: argparse.Namespace) -> int:
             return _fail(str(exc))
         if not len(keys):
             return _fail(
-                "no API keys configured: set TORCHGATE_API_KEYS_FILE (see `torchgate keys new`) "
-                "or TORCHGATE_API_KEYS, or pass --no-auth for local development"
+                "no API keys configured: set TORCHGATE_API_KEYS_FILE (see `torchgate keys new`), "
+                "or for development pass --api-key KEY (or TORCHGATE_API_KEYS) or --no-auth"
             )
+    try:
+        listener = _listen(settings.host, settings.port)
+    except OSError as exc:
+        return _fail(_bind_problem(settings.host, settings.port, exc))
+    try:
+        return _run(settings, listener)
+    finally:
+        listener.close()
+
+
+def _run(settings: Settings, listener: socket.socket) -> int:
+    """Load the models, then serve on `listener` until a signal stops the server."""
     import torch
 
     from torchgate.app import create_app, torch_threads  # torch is imported here, not at --help
@@ -136,7 +197,7 @@ def serve(args: argparse.Namespace) -> int:
         date_header=True,
     )
     server = _Server(config, app)
-    server.run()
+    server.run(sockets=[listener])
     return 0 if server.started else 1
 
 

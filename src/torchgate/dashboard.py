@@ -2,10 +2,12 @@
 
 Once a second a background task reads torchgate's metric objects, diffs them against the
 previous reading, and keeps one `Sample` per interval in a ring buffer (five minutes by
-default). Percentiles come from the latency histogram's bucket deltas, interpolated
-linearly within a bucket as PromQL's `histogram_quantile` does. The work is a few dict
-walks a second, off the request path: the page's `GET /dashboard/data` only serializes
-what the sampler already computed.
+default), and one more over the last minute (`now`: what the page's tiles and legends
+show). Answers are counted by status class, 429 apart from the other 4xx, so refusals
+show beside errors. Percentiles come from the latency histogram's bucket deltas,
+interpolated linearly within a bucket as PromQL's `histogram_quantile` does. The work is
+a few dict walks a second, off the request path: the page's `GET /dashboard/data` only
+serializes what the sampler already computed.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from torchgate.serving.breaker import BreakerState
 log = logging.getLogger("torchgate.dashboard")
 
 QUANTILES = (0.5, 0.95, 0.99)
+# answers by status class; 429 (rate limited) apart from the other refusals
+STATUS_CLASSES = ("2xx", "4xx", "429", "5xx")
 # A series key: the sample's name, then its label values in the metric's label order.
 Series = tuple[str, ...]
 BatchLimits = Callable[[], Mapping[tuple[str, str], int]]
@@ -43,7 +47,10 @@ class Sample:
     interval_s: float
     rps: float  # inference requests answered per second
     error_rate: float | None  # share of them answered with a 5xx status
-    status: dict[str, float]  # inference answers per second by class: 2xx, 4xx, 5xx
+    refused_rate: float | None  # share refused with a 4xx status other than 429
+    limited_rate: float | None  # share refused with 429 (rate limited)
+    status: dict[str, float]  # answers per second by class: 2xx, 4xx (not 429), 429, 5xx
+    counts: dict[str, int]  # answers in the interval by the same classes
     p50_ms: float | None
     p95_ms: float | None
     p99_ms: float | None
@@ -134,7 +141,7 @@ class Sampler:
         clock: Callable[[], float] = time.monotonic,
         interval_s: float = 1.0,
         window: int = 300,
-        now_window: int = 10,
+        now_window: int = 60,
     ) -> None:
         self.metrics = metrics
         self.batch_limits = batch_limits
@@ -144,7 +151,7 @@ class Sampler:
         self.window = window
         self.boot = uuid.uuid4().hex[:16]  # tells a page that this is a new timeline
         self.samples: deque[Sample] = deque(maxlen=window)
-        self.now: Sample | None = None  # over the last `now_window` intervals
+        self.now: Sample | None = None  # over the last `now_window` intervals (a minute)
         self._readings: deque[_Reading] = deque(maxlen=now_window + 1)
         self._started = clock()
         self._periodic = Periodic("dashboard-sampler", interval_s, self._step)
@@ -192,9 +199,9 @@ class Sampler:
         dt = max(new.at - old.at, 1e-9)
         grown = {role: _increase(new.counters[role], old.counters[role]) for role in new.counters}
 
-        classes = {"2xx": 0.0, "4xx": 0.0, "5xx": 0.0}
+        classes = dict.fromkeys(STATUS_CLASSES, 0.0)
         for (_, _model, status), value in grown["requests"].items():
-            status_class = f"{status[:1]}xx"
+            status_class = status if status == "429" else f"{status[:1]}xx"
             classes[status_class] = classes.get(status_class, 0.0) + value
         answered = sum(classes.values())
 
@@ -220,7 +227,10 @@ class Sampler:
             interval_s=round(dt, 3),
             rps=round(answered / dt, 3),
             error_rate=_ratio(classes["5xx"], answered),
-            status={k: round(v / dt, 3) for k, v in sorted(classes.items())},
+            refused_rate=_ratio(classes["4xx"], answered),
+            limited_rate=_ratio(classes["429"], answered),
+            status={k: round(v / dt, 3) for k, v in classes.items()},
+            counts={k: round(v) for k, v in classes.items()},
             p50_ms=p50,
             p95_ms=p95,
             p99_ms=p99,

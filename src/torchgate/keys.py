@@ -16,6 +16,7 @@ which are hashed as they are read. A plain key is never stored or logged.
 from __future__ import annotations
 
 import hashlib
+import re
 import secrets
 import tomllib
 from dataclasses import dataclass
@@ -34,14 +35,41 @@ class KeyFileError(Exception):
     """The keys file cannot be used; the message names the file and the problem."""
 
 
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
 class _KeyEntry(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(extra="forbid")
 
-    name: str = pydantic.Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
-    sha256: str = pydantic.Field(pattern=r"^[0-9a-f]{64}$")
+    name: str
+    sha256: str
     scopes: list[Scope] = pydantic.Field(default_factory=lambda: ["infer"], min_length=1)
-    rate_limit: str | None = pydantic.Field(None, pattern=RATE_PATTERN)
+    rate_limit: str | None = None
     tokens_per_minute: int | None = pydantic.Field(None, ge=1)
+
+    @pydantic.field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not _NAME.match(value):
+            raise ValueError("must be letters, digits and _.@- (at most 64), starting with one")
+        return value
+
+    @pydantic.field_validator("sha256")
+    @classmethod
+    def _sha256(cls, value: str) -> str:
+        if not _SHA256.match(value):
+            raise ValueError(
+                "must be the key's SHA-256 as 64 lowercase hex digits (torchgate keys new)"
+            )
+        return value
+
+    @pydantic.field_validator("rate_limit")
+    @classmethod
+    def _rate_limit(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(RATE_PATTERN, value):
+            raise ValueError("must read like '1000/minute' or '10 per second'")
+        return value
 
 
 class _KeyFile(pydantic.BaseModel):

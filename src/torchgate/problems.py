@@ -69,14 +69,32 @@ def message(error: dict[str, Any]) -> str:
         bound = "at least" if kind == "too_short" else "at most"
         items = "item" if count == 1 else "items"
         return f"needs {bound} {count} {items}, not {context.get('actual_length')}"
-    if kind == "literal_error":
+    if kind in ("literal_error", "enum"):
         return f"must be {context.get('expected', 'one of the allowed values')}"
+    if kind in ("string_too_short", "string_too_long"):
+        count = context.get("min_length" if kind == "string_too_short" else "max_length")
+        bound = "at least" if kind == "string_too_short" else "at most"
+        return f"needs {bound} {count} character{'' if count == 1 else 's'}"
+    if kind == "string_pattern_mismatch":
+        return "is not in the form this key takes"
     if kind in _TYPES:
         return _TYPES[kind]
     text = str(error.get("msg", "invalid"))
     for prefix in _PREFIXES:
         if text.startswith(prefix):
             text = text[len(prefix) :]
+    loc = error.get("loc") or ()
+    if loc and isinstance(loc[-1], str) and text.startswith(f"{loc[-1]} must "):
+        text = text[len(loc[-1]) + 1 :]  # "datatype: datatype must be ..." says it twice
+    given = error.get("input")
+    if (
+        kind == "value_error"
+        and text.startswith("must ")
+        and isinstance(given, str | int | float)
+        and repr(given) not in text
+    ):
+        shown = repr(given) if len(repr(given)) <= 60 else repr(given)[:57] + "..."
+        text = f"{text}, not {shown}"
     return text
 
 

@@ -26,7 +26,14 @@ ROW = [[[[0.0] * 8 for _ in range(8)]]]  # one row, shape [1, 8, 8]
         ("/predict", b'{"rows": []}', {}, 400, "instances"),
         ("/predict", b'{"instances": {}}', {}, 400, "list of rows"),
         ("/predict", b'{"instances": []}', {}, 400, "at least one row"),
-        ("/predict", b'{"instances": [[1, 2, 3]]}', {}, 400, "shape [1, 3]"),
+        (
+            "/predict",
+            b'{"instances": [[1, 2, 3]]}',
+            {},
+            400,
+            "each row must have shape [1, 8, 8] as model.toml declares; the rows sent have "
+            "shape [3]",
+        ),
         ("/predict", b'{"instances": [[[["a"]]]]}', {}, 400, "expected numbers"),
         ("/predict", b'{"instances": [[[[1, "2"]]]]}', {}, 400, "expected numbers"),
         ("/predict", b'{"instances": [[[[1, 2], [3]]]]}', {}, 400, "one shape"),

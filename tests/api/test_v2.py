@@ -147,7 +147,12 @@ def test_server_metadata_and_health(client):
     assert client.get("/v2").json() == {
         "name": "torchgate",
         "version": __version__,
-        "extensions": ["binary_tensor_data", "model_repository"],
+        "extensions": [
+            "binary_tensor_data",
+            "model_repository",
+            "model_configuration",
+            "statistics",
+        ],
     }
     assert client.get("/v2/health/live").status_code == 200
     r = client.get("/v2/health/ready")

@@ -220,7 +220,7 @@ CASES: list[tuple[str, str, bytes | tuple[bytes, dict], int, str]] = [
         PAIR,
         pair(a(shape=[2, 4], data=[0] * 8), b()),
         400,
-        "input 'b': shape [1, 4] does not match the model's [2, 4]",
+        "input 'b': 1 row, but the request's other inputs have 2",
     ),
     # outputs
     (
@@ -359,7 +359,23 @@ CASES: list[tuple[str, str, bytes | tuple[bytes, dict], int, str]] = [
         DIGITS,
         raw(IMAGE, PIXELS, **{HEADER: "10"}),
         400,
-        "malformed JSON",
+        "Inference-Header-Content-Length is 10, but the body's first 10 bytes are not a whole "
+        "JSON object: it must be the length in bytes of the JSON part alone",
+    ),
+    (
+        "header length runs into the tensors",
+        DIGITS,
+        raw(IMAGE, PIXELS, **{HEADER: "123"}),
+        400,
+        "Inference-Header-Content-Length is 123, but the body's first 123 bytes are not a whole",
+    ),
+    (
+        "binary_data_size without the header length",
+        DIGITS,
+        (raw(IMAGE, PIXELS)[0], {"content-type": "application/octet-stream"}),
+        400,
+        "the body carries binary tensors (binary_data_size) but no "
+        "Inference-Header-Content-Length header",
     ),
     ("binary NaN", DIGITS, raw(IMAGE, NAN), 400, "NaN and infinite values are not accepted"),
     (

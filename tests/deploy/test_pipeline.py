@@ -203,7 +203,7 @@ def tamper_pin(digits: Path) -> str:
 
 def wrong_signature(digits: Path) -> str:
     torch.jit.script(Flat()).save(str(digits / "1" / "model.pt"))
-    return "output 'logits' has shape [1, 64], model.toml declares [1, 10]"
+    return "output 'logits' gives rows of [64], model.toml declares [10] (run with 1 row)"
 
 
 def bad_accuracy(digits: Path) -> str:

@@ -21,11 +21,23 @@ HEADER_LENGTH = "Inference-Header-Content-Length"
 
 _BF16_EXPONENT = 0x7F80
 _LENGTH = struct.Struct("<I")
+_CLOSE = ord("}")
+_BLANK = b" \t\r\n"  # JSON's whitespace
+_TAIL = 4096
 
 
 def split(body: bytes, header_length: str | None) -> tuple[bytes, memoryview]:
-    """The JSON header and the binary part that follows it (empty without the header)."""
+    """The JSON header and the binary part that follows it (empty without the header).
+
+    Only the header's last byte is looked at here: a JSON object ends with "}", so a
+    length that cuts the JSON short or runs into the tensors is named as the header's
+    mistake, not reported as malformed JSON."""
     if header_length is None:
+        if _last(memoryview(body)) not in (None, _CLOSE) and b'"binary_data_size"' in body:
+            raise BadRequest(
+                f"the body carries binary tensors (binary_data_size) but no {HEADER_LENGTH} "
+                "header: send the JSON part's length in bytes in it"
+            )
         return body, memoryview(b"")
     text = header_length.strip()
     if not (text.isascii() and text.isdigit()) or len(text) > 19:
@@ -34,7 +46,19 @@ def split(body: bytes, header_length: str | None) -> tuple[bytes, memoryview]:
     if size > len(body):
         raise BadRequest(f"{HEADER_LENGTH} is {size} but the body has only {len(body)} bytes")
     view = memoryview(body)
+    if _last(view[:size]) != _CLOSE:
+        raise BadRequest(
+            f"{HEADER_LENGTH} is {size}, but the body's first {size} bytes are not a whole "
+            "JSON object: it must be the length in bytes of the JSON part alone"
+        )
     return bytes(view[:size]), view[size:]
+
+
+def _last(data: memoryview) -> int | None:
+    """The last byte that is not JSON whitespace, among the last few KiB (None when there
+    is none there: a body padded with megabytes of blanks is not scanned byte by byte)."""
+    tail = bytes(data[-_TAIL:]).rstrip(_BLANK)
+    return tail[-1] if tail else None
 
 
 class BinaryReader:

@@ -134,13 +134,41 @@ def check_shape(array: np.ndarray, spec: TensorSpec, rows: int | None, what: str
 
 
 def check_dims(got: tuple[int, ...], spec: TensorSpec, rows: int | None, what: str) -> None:
-    """A shape (given or declared) against (rows, *spec.shape), -1 matching any size."""
-    want = ((rows,) if rows is not None else ()) + spec.shape
-    if len(got) != len(want) or any(w != -1 and w != g for w, g in zip(want, got, strict=True)):
-        shown = ["-1" if w == -1 else str(w) for w in want]
+    """A shape (given or declared) against (rows, *spec.shape), -1 matching any size.
+
+    `rows` is the request's row count, -1 when any count will do (a V2 tensor's declared
+    shape), or None for a model without a batch dimension. The message speaks of rows and
+    of the row shape model.toml declares, since that is the shape a user wrote down."""
+    row = spec.shape
+    if rows is None:
+        if not _fits(got, row):
+            raise BadRequest(
+                f"{what}: shape {list(got)} does not match the model's {_dims(row)}, "
+                "the shape model.toml declares (this model takes no batch dimension)"
+            )
+        return
+    if _fits(got, (rows, *row)):
+        return
+    declared = f"{_dims(row)} as model.toml declares"
+    if rows == -1:
+        hint = f"; for one row send {_dims((1, *row))}" if _fits(got, row) else ""
         raise BadRequest(
-            f"{what}: shape {list(got)} does not match the model's [{', '.join(shown)}]"
+            f"{what}: shape {list(got)} does not match the model's {_dims((-1, *row))}: "
+            f"the number of rows, then each row's shape {declared}{hint}"
         )
+    if got and _fits(got[1:], row):
+        plural = "row" if got[0] == 1 else "rows"
+        raise BadRequest(f"{what}: {got[0]} {plural}, but the request's other inputs have {rows}")
+    sent = "are single values" if len(got) == 1 else f"have shape {list(got[1:])}"
+    raise BadRequest(f"{what}: each row must have shape {declared}; the rows sent {sent}")
+
+
+def _fits(got: tuple[int, ...], want: tuple[int, ...]) -> bool:
+    return len(got) == len(want) and all(w in (-1, g) for w, g in zip(want, got, strict=True))
+
+
+def _dims(shape: tuple[int, ...]) -> str:
+    return f"[{', '.join(str(d) for d in shape)}]"
 
 
 def check_declared(shape: list[int], spec: TensorSpec, config: ModelConfig, what: str) -> None:

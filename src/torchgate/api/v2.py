@@ -14,12 +14,13 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from torchgate import __version__
-from torchgate.api import binary, inference, prepare, v2_repository
+from torchgate.api import binary, inference, prepare, v2_repository, v2_stats
 from torchgate.api.codec import parse_json
 from torchgate.api.deps import V2_TYPES, read_body
 from torchgate.api.health import readiness_problems
 from torchgate.api.routes import Policy, route
 from torchgate.api.v2_codec import InferRequest, decode, encode
+from torchgate.api.v2_stats import PLATFORM
 from torchgate.edge.context import context
 from torchgate.edge.responses import BINARY, Answer
 from torchgate.errors import ModelNotFound, ModelNotReady, Unavailable
@@ -27,8 +28,7 @@ from torchgate.serving.breaker import BreakerState
 from torchgate.serving.model_config import TensorSpec
 from torchgate.serving.registry import ModelRegistry, ServedModel
 
-PLATFORM = "pytorch_libtorch"
-EXTENSIONS = ["binary_tensor_data", "model_repository"]
+EXTENSIONS = ["binary_tensor_data", "model_repository", "model_configuration", "statistics"]
 
 
 def _json(body: object) -> Response:
@@ -82,6 +82,22 @@ async def metadata(request: Request) -> Response:
     if "version" in params:
         registry.resolve(params["name"], params["version"])
     return _json(model_metadata(registry.get(params["name"])))
+
+
+async def config(request: Request) -> Response:
+    """`GET /v2/models/{name}[/versions/{version}]/config`, in Triton's shape."""
+    params = context(request).params
+    registry = inference.registry_of(request)
+    served = registry.resolve(params["name"], params.get("version"))
+    return _json(v2_stats.model_config(registry.get(params["name"]), served))
+
+
+async def statistics(request: Request) -> Response:
+    """`GET /v2/models[/{name}[/versions/{version}]]/stats`, in Triton's shape."""
+    params = context(request).params
+    registry = inference.registry_of(request)
+    metrics = request.app.state.metrics
+    return _json(v2_stats.statistics(registry, metrics, params.get("name"), params.get("version")))
 
 
 async def model_ready(request: Request) -> Response:
@@ -140,8 +156,14 @@ ROUTES = [
     route("/v2", "GET", Policy.INFER, server_metadata),
     route("/v2/health/live", "GET", Policy.PROBE, live),
     route("/v2/health/ready", "GET", Policy.PROBE, ready),
+    # before "/v2/models/{name}": "stats" is every model's statistics, as in Triton
+    route("/v2/models/stats", "GET", Policy.INFER, statistics),
     route("/v2/models/{name}", "GET", Policy.INFER, metadata),
     route("/v2/models/{name}/versions/{version}", "GET", Policy.INFER, metadata),
     route("/v2/models/{name}/ready", "GET", Policy.INFER, model_ready),
     route("/v2/models/{name}/versions/{version}/ready", "GET", Policy.INFER, model_ready),
+    route("/v2/models/{name}/config", "GET", Policy.INFER, config),
+    route("/v2/models/{name}/versions/{version}/config", "GET", Policy.INFER, config),
+    route("/v2/models/{name}/stats", "GET", Policy.INFER, statistics),
+    route("/v2/models/{name}/versions/{version}/stats", "GET", Policy.INFER, statistics),
 ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import re
 import tomllib
 import warnings
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from torchgate.processors.factory import (
 )
 from torchgate.processors.post import Postprocessor
 from torchgate.serving.model import LoadedModel, dummy_inputs, parameter_bytes
-from torchgate.serving.model_config import MODEL_NAME, ModelConfig
+from torchgate.serving.model_config import MODEL_NAME, ModelConfig, TensorSpec
 
 log = logging.getLogger("torchgate.repository")
 
@@ -208,9 +209,8 @@ class ModelRepository:
                 warnings.filterwarnings("ignore", r"`torch\.jit\.load` is deprecated")
                 module = torch.jit.load(io.BytesIO(data), map_location=device)
         except Exception as exc:  # torch raises RuntimeError, ValueError or worse on bad files
-            problem = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ModelLoadError(
-                path, f"not a loadable TorchScript archive ({problem[:200]})"
+                path, f"not a loadable TorchScript archive ({cause(exc, 200)})"
             ) from None
         module.eval()
         return module
@@ -230,9 +230,10 @@ class ModelRepository:
                 try:
                     outputs = model.forward(inputs)
                 except Exception as exc:
-                    problem = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
                     raise ModelLoadError(
-                        model.path, f"forward on the declared input shapes failed: {problem[:300]}"
+                        model.path,
+                        f"the model fails on the inputs model.toml declares "
+                        f"({_tried(config.inputs, inputs, rows)}): {cause(exc)}",
                     ) from None
             _check_outputs(model, outputs, rows)
         pre = model.preprocessor
@@ -240,13 +241,45 @@ class ModelRepository:
             # what the preprocessor makes of a blank image or a short text must run
             try:
                 prepared = pre.prepare(sample(pre))
+            except Exception as exc:
+                raise ModelLoadError(
+                    model.path, f"[preprocess] fails on a blank sample: {cause(exc)}"
+                ) from None
+            try:
                 outputs = model.forward(prepared.inputs)
             except Exception as exc:
-                problem = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+                tried = _tried(config.inputs, prepared.inputs, prepared.rows)
                 raise ModelLoadError(
-                    model.path, f"forward on what [preprocess] makes failed: {problem[:300]}"
+                    model.path,
+                    f"the model fails on what [preprocess] makes ({tried}): {cause(exc)}",
                 ) from None
             _check_outputs(model, outputs, prepared.rows)
+
+
+_EXCEPTION_NAME = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?[A-Z]\w*(?:Error|Exception): ")
+_TORCHSCRIPT = "TorchScript interpreter"
+
+
+def cause(exc: BaseException, limit: int = 500) -> str:
+    """An exception's message in one line. TorchScript's interpreter puts two tracebacks
+    first and the error itself (e.g. the shapes that did not multiply) last, so that last
+    line is taken; otherwise the first."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    line = lines[-1] if _TORCHSCRIPT in lines[0] else lines[0]
+    line = _EXCEPTION_NAME.sub("", line)
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def _tried(specs: tuple[TensorSpec, ...], inputs: list[np.ndarray], rows: int) -> str:
+    """What a check ran: each input's declared shape (one row's) and the array's shape."""
+    parts = []
+    for spec, array in zip(specs, inputs, strict=True):
+        declared = f"input {spec.name!r} {spec.datatype} {list(spec.shape)}"
+        shape = list(getattr(array, "shape", ()))
+        parts.append(f"{declared} per row, run as {shape}" if rows else f"{declared}, no batch")
+    return "; ".join(parts)
 
 
 def _check_outputs(model: LoadedModel, outputs: list[np.ndarray], rows: int) -> None:
@@ -256,8 +289,10 @@ def _check_outputs(model: LoadedModel, outputs: list[np.ndarray], rows: int) -> 
         if len(out.shape) != len(want) or any(
             w != -1 and w != g for w, g in zip(want, out.shape, strict=True)
         ):
-            raise ModelLoadError(
-                model.path,
-                f"output {spec.name!r} has shape {list(out.shape)}, "
-                f"model.toml declares {list(want)}",
-            )
+            got = list(out.shape)
+            if config.batched and got[:1] == [rows]:
+                problem = f"gives rows of {got[1:]}, model.toml declares {list(spec.shape)}"
+            else:
+                problem = f"has shape {got}, model.toml declares {list(want)}"
+            run = f"{rows} {'row' if rows == 1 else 'rows'}" if config.batched else "no batch"
+            raise ModelLoadError(model.path, f"output {spec.name!r} {problem} (run with {run})")

@@ -1,14 +1,17 @@
 // torchgate's live dashboard: polls dashboard/data once a second and draws its samples on
 // plain canvases. No libraries: the page must work offline, behind any proxy, under a CSP
-// that allows only this script.
+// that allows only this script. Tiles and legends summarise the last minute (the
+// sampler's `now`); the charts show each second of the last five minutes.
 "use strict";
 
 const COLORS = {
   p50: "#5aa2e6", p95: "#e0a040", p99: "#e05252",
-  "2xx": "#4caf7a", "4xx": "#e0a040", "5xx": "#e05252",
+  "2xx": "#4caf7a", "4xx": "#e0a040", "429": "#b48ee8", "5xx": "#e05252",
   line: "#5aa2e6", grid: "#273040", axis: "#8a96a8",
 };
+const CLASSES = ["2xx", "4xx", "429", "5xx"];
 const MIN_SPAN_S = 60; // the x axis shows at least a minute, so a young history reads right
+const SUMMARY_S = 60; // what the legends summarise
 
 let boot = null;
 let windowSize = 300;
@@ -38,6 +41,18 @@ function setFigure(id, value, digits) {
   el.dataset.value = value === null || value === undefined ? "" : String(value);
 }
 
+function answered(sample) {
+  return CLASSES.reduce((sum, cls) => sum + (sample.counts[cls] || 0), 0);
+}
+
+// The share of a sample's answers in `classes`, as a percentage; an idle second is 0 %,
+// which is the truth: nothing was refused or failed in it.
+function share(sample, classes) {
+  const total = answered(sample);
+  if (!total) return 0;
+  return (100 * classes.reduce((sum, cls) => sum + (sample.counts[cls] || 0), 0)) / total;
+}
+
 // charts -----------------------------------------------------------------------------------
 
 // A top for the y axis whose quarters (the grid lines) are round numbers.
@@ -48,6 +63,14 @@ function niceMax(value) {
     if (m * step >= value) return m * step;
   }
   return 10 * step;
+}
+
+// Seconds between x axis labels: the smallest round step that leaves each label room.
+function tickStep(span, plotWidth) {
+  for (const step of [15, 30, 60, 120, 300]) {
+    if ((plotWidth * step) / span >= 44) return step;
+  }
+  return 600;
 }
 
 function drawChart(canvasId, series, options = {}) {
@@ -63,7 +86,7 @@ function drawChart(canvasId, series, options = {}) {
   ctx.setTransform(ratio, 0, 0, ratio, 0, 0);
   ctx.clearRect(0, 0, width, height);
 
-  const pad = { left: 46, right: 8, top: 8, bottom: 20 };
+  const pad = { left: 42, right: 10, top: 8, bottom: 20 };
   const plotW = width - pad.left - pad.right;
   const plotH = height - pad.top - pad.bottom;
   const latest = samples.length ? samples[samples.length - 1].t : 0;
@@ -92,40 +115,41 @@ function drawChart(canvasId, series, options = {}) {
     ctx.stroke();
     ctx.fillText(String(Number(v.toPrecision(3))), pad.left - 6, py);
   }
-  ctx.textAlign = "center";
   ctx.textBaseline = "top";
-  const tick = span > 240 ? 60 : span > 120 ? 30 : 15;
+  const tick = tickStep(span, plotW);
   for (let ago = 0; ago <= span; ago += tick) {
     const px = x(latest - ago);
-    ctx.fillText(ago === 0 ? "now" : `-${ago}s`, Math.min(px, width - pad.right - 12), height - pad.bottom + 5);
+    const label = ago === 0 ? "now" : ago % 60 === 0 ? `-${ago / 60}m` : `-${ago}s`;
+    // the labels at either end stay inside the plot, clear of the y axis's numbers
+    const edge = ago === 0 ? "right" : px - pad.left < 16 ? "left" : "center";
+    ctx.textAlign = edge;
+    ctx.fillText(label, ago === 0 ? width - pad.right : px, height - pad.bottom + 5);
   }
 
   ctx.lineWidth = 1.6;
   ctx.lineJoin = "round";
   for (const s of series) {
-    const lastValue = s.values.length ? s.values[s.values.length - 1] : null;
-    if (lastValue !== null && lastValue !== undefined) {
-      ctx.fillStyle = s.color;
-      ctx.beginPath();
-      ctx.arc(x(latest), y(Math.min(lastValue, top)), 2.5, 0, 2 * Math.PI);
-      ctx.fill();
-    }
     ctx.strokeStyle = s.color;
+    ctx.fillStyle = s.color;
     ctx.beginPath();
-    let drawing = false;
-    samples.forEach((sample, i) => {
+    const points = samples.map((sample, i) => {
       const v = s.values[i];
-      if (v === null || v === undefined) {
-        drawing = false;
-        return;
-      }
-      const px = x(sample.t);
-      const py = y(Math.min(v, top));
-      if (drawing) ctx.lineTo(px, py);
-      else ctx.moveTo(px, py);
-      drawing = true;
+      return v === null || v === undefined ? null : [x(sample.t), y(Math.min(v, top))];
+    });
+    points.forEach((point, i) => {
+      if (!point) return;
+      if (points[i - 1]) ctx.lineTo(point[0], point[1]);
+      else ctx.moveTo(point[0], point[1]);
     });
     ctx.stroke();
+    // a second with a value between two without (a lone request) is a dot, not nothing
+    points.forEach((point, i) => {
+      if (point && !points[i - 1] && !points[i + 1]) {
+        ctx.beginPath();
+        ctx.arc(point[0], point[1], 2, 0, 2 * Math.PI);
+        ctx.fill();
+      }
+    });
   }
   if (!samples.length) {
     ctx.fillStyle = COLORS.axis;
@@ -136,20 +160,34 @@ function drawChart(canvasId, series, options = {}) {
 
   const legend = document.getElementById(options.legend);
   legend.replaceChildren();
-  for (const s of series) {
+  series.forEach((s, i) => {
     const item = document.createElement("span");
     const swatch = document.createElement("i");
     swatch.style.background = s.color;
-    const last = document.createElement("b");
-    const lastValue = s.values.length ? s.values[s.values.length - 1] : null;
-    last.textContent = fmt(lastValue) + (options.unit || "");
-    item.append(swatch, s.name, last);
+    const summary = document.createElement("b");
+    summary.textContent = options.summaries[i];
+    item.append(swatch, s.name, summary);
     legend.append(item);
-  }
+  });
 }
 
 function column(key, scale = 1) {
   return samples.map((s) => (s[key] === null || s[key] === undefined ? null : s[key] * scale));
+}
+
+function lastMinute() {
+  const latest = samples.length ? samples[samples.length - 1].t : 0;
+  return samples.filter((s) => s.t > latest - SUMMARY_S);
+}
+
+function peak(key) {
+  const values = lastMinute().map((s) => s[key]);
+  return values.length ? Math.max(...values) : null;
+}
+
+function mean(key) {
+  const values = lastMinute().map((s) => s[key]);
+  return values.length ? values.reduce((a, b) => a + b, 0) / values.length : null;
 }
 
 // the page ---------------------------------------------------------------------------------
@@ -157,14 +195,23 @@ function column(key, scale = 1) {
 function renderOverview() {
   const current = now || (samples.length ? samples[samples.length - 1] : null);
   if (!current) return;
+  const span = Math.round(current.interval_s);
+  document.getElementById("overview-span").textContent =
+    span >= SUMMARY_S - 1 ? "last minute" : `last ${span} s (since start)`;
   setFigure("rps", current.rps);
+  setFigure("answered", answered(current), 0);
   setFigure("error-rate", pct(current.error_rate));
+  setFigure("refused-rate", pct(current.refused_rate));
+  setFigure("limited-rate", pct(current.limited_rate));
+  for (const cls of ["4xx", "429", "5xx"]) setFigure(`count-${cls}`, current.counts[cls] || 0, 0);
   setFigure("p50", current.p50_ms);
   setFigure("p95", current.p95_ms);
   setFigure("p99", current.p99_ms);
   setFigure("inflight", current.inflight, 0);
   setFigure("models-loaded", current.models_loaded, 0);
   document.getElementById("error-rate").classList.toggle("bad", (current.error_rate || 0) > 0.001);
+  document.getElementById("refused-rate").classList.toggle("warn", (current.refused_rate || 0) > 0.001);
+  document.getElementById("limited-rate").classList.toggle("limit", (current.limited_rate || 0) > 0.001);
 
   const breakers = document.getElementById("breakers");
   breakers.replaceChildren();
@@ -185,29 +232,44 @@ function renderOverview() {
 
 function render() {
   renderOverview();
+  const minute = now || {};
+  const counts = minute.counts || {};
+  const total = CLASSES.reduce((sum, cls) => sum + (counts[cls] || 0), 0);
+  const minuteShare = (cls) => (total ? fmt((100 * (counts[cls] || 0)) / total) : "0") + " %";
   drawChart("chart-latency", [
     { name: "p50", color: COLORS.p50, values: column("p50_ms") },
     { name: "p95", color: COLORS.p95, values: column("p95_ms") },
     { name: "p99", color: COLORS.p99, values: column("p99_ms") },
-  ], { legend: "legend-latency", unit: " ms", minMax: 1 });
+  ], {
+    legend: "legend-latency", minMax: 1,
+    summaries: ["p50_ms", "p95_ms", "p99_ms"].map((k) => `${fmt(minute[k])} ms`),
+  });
   drawChart("chart-error-rate", [
-    { name: "5xx", color: COLORS["5xx"], values: column("error_rate", 100) },
-  ], { legend: "legend-error-rate", unit: " %", minMax: 1 });
-  drawChart("chart-status", ["2xx", "4xx", "5xx"].map((cls) => ({
+    { name: "refused 4xx", color: COLORS["4xx"], values: samples.map((s) => share(s, ["4xx"])) },
+    { name: "rate limited 429", color: COLORS["429"], values: samples.map((s) => share(s, ["429"])) },
+    { name: "failed 5xx", color: COLORS["5xx"], values: samples.map((s) => share(s, ["5xx"])) },
+  ], {
+    legend: "legend-error-rate", minMax: 1,
+    summaries: ["4xx", "429", "5xx"].map(minuteShare),
+  });
+  drawChart("chart-status", CLASSES.map((cls) => ({
     name: cls, color: COLORS[cls], values: samples.map((s) => s.status[cls] ?? 0),
-  })), { legend: "legend-status", unit: "/s", minMax: 1 });
+  })), {
+    legend: "legend-status", minMax: 1,
+    summaries: CLASSES.map((cls) => `${counts[cls] || 0} (${fmt((minute.status || {})[cls] || 0)}/s)`),
+  });
   drawChart("chart-queue", [
     { name: "rows", color: COLORS.line, values: column("queue_rows") },
-  ], { legend: "legend-queue", minMax: 4 });
+  ], { legend: "legend-queue", minMax: 4, summaries: [`peak ${fmt(peak("queue_rows"))}, mean ${fmt(mean("queue_rows"))}`] });
   drawChart("chart-fill", [
     { name: "fill", color: COLORS.line, values: column("batch_fill", 100) },
-  ], { legend: "legend-fill", unit: " %", fixedMax: 100 });
+  ], { legend: "legend-fill", fixedMax: 100, summaries: [`${fmt(pct(minute.batch_fill))} %`] });
   drawChart("chart-inflight", [
     { name: "in flight", color: COLORS.line, values: column("inflight") },
-  ], { legend: "legend-inflight", minMax: 4 });
+  ], { legend: "legend-inflight", minMax: 4, summaries: [`peak ${fmt(peak("inflight"))}`] });
   drawChart("chart-cache", [
     { name: "hits", color: COLORS.line, values: column("cache_hit_rate", 100) },
-  ], { legend: "legend-cache", unit: " %", fixedMax: 100 });
+  ], { legend: "legend-cache", fixedMax: 100, summaries: [`${fmt(pct(minute.cache_hit_rate))} %`] });
 }
 
 function setStatus(text, live) {
