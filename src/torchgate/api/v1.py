@@ -149,18 +149,24 @@ ROUTES = [
 @router.get("/v1/models/{name}", summary="Status of a model's versions")
 async def model_status(name: str, registry: Registry) -> Response:
     served = registry.get(name)
+    statuses: list[dict[str, str]] = [
+        {
+            "version": str(number),
+            "state": "AVAILABLE" if v.batcher.accepting else "UNLOADING",
+            "circuit": v.breaker.state.name.lower(),
+            "device": str(v.model.device),
+            "sha256": v.model.sha256,
+        }
+        for number, v in served.versions.items()
+    ]
+    # versions the gate refused (serving.admission): listed, not served
+    statuses += [
+        {"version": str(n), "state": "UNAVAILABLE", "reason": reason}
+        for n, reason in served.refused.items()
+    ]
     body = {
         "name": served.name,
         "default_version": str(served.default_version),
-        "model_version_status": [
-            {
-                "version": str(number),
-                "state": "AVAILABLE" if v.batcher.accepting else "UNLOADING",
-                "circuit": v.breaker.state.name.lower(),
-                "device": str(v.model.device),
-                "sha256": v.model.sha256,
-            }
-            for number, v in sorted(served.versions.items())
-        ],
+        "model_version_status": sorted(statuses, key=lambda s: int(s["version"])),
     }
     return Response(orjson.dumps(body), media_type="application/json")
