@@ -187,6 +187,25 @@ def test_a_promotion_survives_a_restart_and_deleting_the_record_resets_it(
         assert c.get("/admin/models/doubler/canary").json()["weight"] == 0.1
 
 
+def test_deleting_the_record_and_reloading_resets_the_rollout(tmp_path: Path, make_settings):
+    folder = write_model(tmp_path, "doubler", Doubler(), canary_toml(min_requests=20), (1, 2))
+    url, load = "/admin/models/doubler/canary", "/v2/repository/models/doubler/load"
+    with (
+        serve(make_settings, tmp_path, model_control="explicit") as server,
+        httpx.Client(base_url=server.url) as c,
+    ):
+        assert c.post(url, json={"weight": 0.5}).json()["weight"] == 0.5
+        assert c.post(load).status_code == 200
+        assert c.get(url).json()["weight"] == 0.5  # kept: the record says so
+        promote(c)
+        assert c.post(load).json()["default_version"] == "2"
+        assert c.get(url).json()["status"] == "none"
+        (folder / "rollout.json").unlink()
+        assert c.post(load).json()["default_version"] == "1"
+        now = c.get(url).json()
+        assert (now["status"], now["weight"], now["last_decision"]) == ("active", 0.1, None)
+
+
 def test_manual_weights_and_rollbacks_survive_a_restart(tmp_path: Path, make_settings):
     write_model(tmp_path, "doubler", Doubler(), canary_toml(min_requests=100_000), (1, 2))
     url = "/admin/models/doubler/canary"

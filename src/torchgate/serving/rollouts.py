@@ -66,9 +66,9 @@ class Rollouts:
     def canary_for(
         self, served: ServedModel, admission: Admission, old: ServedModel | None
     ) -> Canary | None:
-        """The model's canary: the running one when nothing it depends on changed, else one
-        for `[canary]` (or for the rollout a stored decision started by hand), taking the
-        stored decision back when it is about this rollout."""
+        """The model's canary: the running one when nothing it depends on changed (its
+        record included), else one for `[canary]` (or for the rollout a stored decision
+        started by hand), taking the stored decision back when it is about this rollout."""
         number = admission.canary_version
         if number is None:
             return None
@@ -82,9 +82,12 @@ class Rollouts:
         configured = served.config.canary
         policy = configured if configured is not None else CanaryConfig(version=number, weight=0)
         previous = None if old is None else old.canary
+        record = admission.record
         if (
             previous is not None
             and old is not None
+            # a decision whose record is gone was reset by hand: model.toml rules again
+            and (record is not None or previous.last is None)
             and previous.policy == policy
             and previous.version == number
             and previous.rolled_from == default
@@ -95,7 +98,6 @@ class Rollouts:
         ):
             return previous
         canary = self._make(served.name, default, policy)
-        record = admission.record
         if record is not None:
             if record.stable == default and record.canary == number:
                 canary.adopt(record)
