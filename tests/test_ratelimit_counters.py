@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from torchgate.middleware.ratelimit import LocalCounters
+from torchgate.edge.limiter import LocalCounters
 
 
 class Clock:

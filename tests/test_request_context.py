@@ -9,7 +9,8 @@ from typing import Any
 import orjson
 import pytest
 
-from torchgate.middleware.context import RequestContextMiddleware
+from torchgate.api.routes import RouteTable
+from torchgate.edge.context import RequestContextMiddleware
 
 SCOPE = {"type": "http", "method": "POST", "path": "/predict", "headers": []}
 
@@ -25,7 +26,9 @@ def _call(app: Any) -> list[dict[str, Any]]:
         sent.append(message)
 
     with pytest.raises(RuntimeError, match="a bug"):
-        asyncio.run(RequestContextMiddleware(app)(dict(SCOPE), _receive, send))
+        asyncio.run(
+            RequestContextMiddleware(app, routes=RouteTable([]))(dict(SCOPE), _receive, send)
+        )
     return sent
 
 

@@ -17,18 +17,20 @@ from starlette.middleware import Middleware
 from starlette.types import ASGIApp
 
 from torchgate import __version__, memory
-from torchgate.api import admin, dashboard, errors, health, openai, v1, v2
-from torchgate.api.hot import HotRoutes, add_fallback_routes
+from torchgate.api import admin, dashboard, errors, health, openai, v1, v2, v2_repository
+from torchgate.api.routes import Policy, RouteTable, route
 from torchgate.api.textguard import TextPolicy
 from torchgate.config import Settings
 from torchgate.dashboard import Sampler
+from torchgate.edge.auth import AuthMiddleware
+from torchgate.edge.body import BodyLimitMiddleware
+from torchgate.edge.context import RequestContextMiddleware
+from torchgate.edge.dispatch import Dispatcher
+from torchgate.edge.limiter import RateLimiter
+from torchgate.edge.limits import RateLimitMiddleware
+from torchgate.edge.metrics import MetricsMiddleware
 from torchgate.keys import KeyStore
 from torchgate.metrics import Metrics
-from torchgate.middleware.auth import AuthMiddleware
-from torchgate.middleware.body import BodyLimitMiddleware
-from torchgate.middleware.context import RequestContextMiddleware
-from torchgate.middleware.metrics import MetricsMiddleware
-from torchgate.middleware.ratelimit import RateLimiter, RateLimitMiddleware
 from torchgate.serving.admission import Admission, admit_all
 from torchgate.serving.cache import InferenceCache
 from torchgate.serving.drift import DriftScorer
@@ -151,22 +153,21 @@ def create_app(settings: Settings, *, models: dict[str, Admission] | None = None
         max_length=settings.max_text_length, deny_phrases=settings.deny_list()
     )
     errors.install(app)
-    hot_routes = [*v1.ROUTES, *v2.ROUTES, *openai.ROUTES]
-    add_fallback_routes(app, hot_routes)
-    app.include_router(health.router)
     app.include_router(dashboard.router)
-    app.include_router(v1.router)
-    app.include_router(v2.router)
+    app.include_router(v2_repository.router)
     app.include_router(admin.router)
-    # Outermost first: request context, metrics, auth, rate limit, body limits (DESIGN.md),
-    # then the inference routes themselves, ahead of FastAPI's router.
-    edge: list[Middleware] = [Middleware(RequestContextMiddleware)]
+    routes = RouteTable(ROUTES)
+    app.routes_table = routes
+    # Outermost first: request context (and the route match), metrics, auth, rate limit,
+    # body limits (DESIGN.md), then the dispatcher that calls the route's handler.
+    edge: list[Middleware] = [Middleware(RequestContextMiddleware, routes=routes)]
     edge.append(Middleware(MetricsMiddleware, metrics=metrics))
     if keys is not None:
         edge.append(
             Middleware(AuthMiddleware, keys=keys, metrics_open=not settings.metrics_require_key)
         )
-    edge.append(Middleware(RateLimitMiddleware, limiter=limiter))
+    if limiter is not None:
+        edge.append(Middleware(RateLimitMiddleware, limiter=limiter))
     edge.append(
         Middleware(
             BodyLimitMiddleware,
@@ -175,22 +176,48 @@ def create_app(settings: Settings, *, models: dict[str, Admission] | None = None
             metrics=metrics,
         )
     )
-    edge.append(Middleware(HotRoutes, routes=hot_routes))
     app.edge = tuple(edge)
     return app
 
 
+# Every route torchgate answers, each with its policy (api/routes.py). The handlers of the
+# last ones are still FastAPI endpoints (None here): the table holds their policies.
+ROUTES = [
+    *health.ROUTES,
+    *v1.ROUTES,
+    *v2.ROUTES,
+    *openai.ROUTES,
+    route("/dashboard", "GET", Policy.OBSERVABILITY, None),
+    route("/dashboard/data", "GET", Policy.OBSERVABILITY, None),
+    route("/v2/repository/index", "POST", Policy.ADMIN, None),
+    route("/v2/repository/models/{name}/load", "POST", Policy.ADMIN, None),
+    route("/v2/repository/models/{name}/unload", "POST", Policy.ADMIN, None),
+    route("/admin/models/{name}/canary", "GET,POST", Policy.ADMIN, None),
+    route("/admin/models/{name}/drift", "GET", Policy.ADMIN, None),
+]
+
+
 class TorchgateApp(FastAPI):
-    """FastAPI with torchgate's middleware (`edge`) outside FastAPI's own error, telemetry
-    and body-size layers rather than inside them: an inference request, answered by
-    `api.hot.HotRoutes`, never enters those (they cost it about 4 % of its event-loop
-    time). What they did for it is done here: `RequestContextMiddleware` answers an
-    exception that escapes with a JSON 500, as FastAPI's error layer does for the rest."""
+    """FastAPI as torchgate's shell (lifespan, `app.state`, the endpoints not yet moved to
+    plain handlers), with torchgate's edge outside everything: every HTTP request passes
+    the edge (`edge`) and the dispatcher, which calls the matched route's handler; only
+    routes whose handler is FastAPI's go on into FastAPI's own error and routing layers.
+    `RequestContextMiddleware` answers an exception that escapes with a JSON 500.
+    Middleware added with `app.add_middleware()` goes outside the edge: it sees every
+    request, the inference routes included."""
 
     edge: tuple[Middleware, ...] = ()
+    routes_table: RouteTable | None = None
 
     def build_middleware_stack(self) -> ASGIApp:
-        stack = super().build_middleware_stack()
-        for cls, args, kwargs in reversed(self.edge):
+        if self.routes_table is not None:
+            self.routes_table.check(self)  # a route without a policy is refused
+        added, self.user_middleware = self.user_middleware, []
+        try:
+            inner = super().build_middleware_stack()
+        finally:
+            self.user_middleware = added
+        stack: ASGIApp = Dispatcher(inner)
+        for cls, args, kwargs in reversed([*added, *self.edge]):
             stack = cls(stack, *args, **kwargs)
         return stack

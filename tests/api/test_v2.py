@@ -23,7 +23,7 @@ from tests.support import (
     doubler_toml,
     write_model,
 )
-from torchgate.api import binary, v2
+from torchgate.api import binary, v2_codec
 from torchgate.config import Settings
 from torchgate.serving.datatypes import NUMPY
 from torchgate.serving.model_config import ModelConfig
@@ -372,9 +372,9 @@ def test_binary_decode_uses_frombuffer_and_no_python_floats(monkeypatch):
         raise AssertionError("binary tensors must not go through the JSON coercion")
 
     monkeypatch.setattr(binary.np, "frombuffer", spy)
-    monkeypatch.setattr(v2, "coerce", no_coerce)
+    monkeypatch.setattr(v2_codec, "coerce", no_coerce)
     header, data = binary.split(body, headers["Inference-Header-Content-Length"])
-    decoded = v2.decode(json.loads(header), config, data)
+    decoded = v2_codec.decode(json.loads(header), config, data)
     assert calls == [64 * 512 * 4]
     [array] = decoded.inputs
     assert array.dtype == np.float32 and array.flags.writeable and array.shape == (64, 512)

@@ -10,9 +10,9 @@ from typing import Annotated
 from fastapi import Depends, Request
 from starlette.requests import ClientDisconnect
 
+from torchgate.edge.context import header
 from torchgate.errors import UnsupportedMediaType
 from torchgate.metrics import Metrics
-from torchgate.middleware.context import header
 from torchgate.serving.registry import ModelRegistry
 
 JSON_TYPES = ("application/json",)

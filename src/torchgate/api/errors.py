@@ -23,17 +23,24 @@ def error_response(status: int, message: str, headers: dict[str, str] | None = N
 
 
 def render(request: Request, exc: Exception) -> Response:
-    """The answer to a failure of the request path (also used outside FastAPI's handlers)."""
+    """The answer to a failure of the request path (the dispatcher's and FastAPI's)."""
     if isinstance(exc, TorchgateError):
-        request.state.error = exc.message
+        _note(request, exc.message)
         return error_response(exc.status_code, exc.message, exc.headers)
     if isinstance(exc, ClientDisconnect):
         # the client left while its body was being read: nothing to answer, nothing broken
-        request.state.error = "client disconnected"
+        _note(request, "client disconnected")
         return error_response(499, "client closed the request")
     log.error("unhandled error", exc_info=exc, extra={"path": request.url.path})
-    request.state.error = "internal"
+    _note(request, "internal")
     return error_response(500, "internal server error")
+
+
+def _note(request: Request, error: str) -> None:
+    """The error, for the access log."""
+    ctx = request.scope.get("torchgate")
+    if ctx is not None:
+        ctx.error = error
 
 
 def install(app: FastAPI) -> None:

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import orjson
-from fastapi import APIRouter, Request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.requests import Request
 from starlette.responses import Response
 
-from torchgate.api.deps import MetricsDep
-
-router = APIRouter(tags=["probes"])
+from torchgate.api.routes import Policy, route
 
 
 def readiness_problems(request: Request) -> list[str]:
@@ -29,22 +27,30 @@ def _json(body: object, status: int = 200) -> Response:
     return Response(orjson.dumps(body), status_code=status, media_type="application/json")
 
 
-@router.get("/health", summary="Liveness: the process is up and its event loop answers")
-async def health() -> Response:
+async def health(request: Request) -> Response:
+    """Liveness: the process is up and its event loop answers."""
     return _json({"status": "ok"})
 
 
-@router.get("/health/ready", summary="Readiness: models loaded and warmed, not draining")
 async def ready(request: Request) -> Response:
+    """Readiness: models loaded and warmed, not draining."""
     problems = readiness_problems(request)
     if problems:
         return _json({"status": "not ready", "reasons": problems}, 503)
     return _json({"status": "ready"})
 
 
-@router.get("/metrics", summary="Prometheus metrics")
-async def metrics(request: Request, metrics: MetricsDep) -> Response:
+async def metrics(request: Request) -> Response:
+    """The Prometheus text of this server's metrics."""
     registry = getattr(request.app.state, "registry", None)
     if registry is not None:
         registry.open_circuits()  # an open breaker past its cooldown shows as half-open
-    return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    text = generate_latest(request.app.state.metrics.registry)
+    return Response(text, media_type=CONTENT_TYPE_LATEST)
+
+
+ROUTES = [
+    route("/health", "GET", Policy.PROBE, health),
+    route("/health/ready", "GET", Policy.PROBE, ready),
+    route("/metrics", "GET", Policy.OBSERVABILITY, metrics),
+]

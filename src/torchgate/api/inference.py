@@ -1,25 +1,24 @@
 """The body every inference route shares, whatever its protocol: resolve the model, run
-the decoded request through the service, and note what the access log and metrics need.
-
-The inference routes are served by `api.hot.HotRoutes`, not by FastAPI's router: its
-dependency injection, validation and exception machinery cost more than these routes do
-(an empty handler: 6.3k requests/s as a FastAPI route, 11.6k as a Starlette one, 22.6k as
-plain ASGI, on this project's machine); they take raw bytes and return raw bytes anyway.
+the decoded request through the service, and note in the request context what the access
+log and metrics need.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import numpy as np
 from starlette.requests import Request
+from starlette.types import Receive
 
 from torchgate.api.textguard import TextPolicy
+from torchgate.edge.context import context, header
 from torchgate.errors import BadRequest
 from torchgate.metrics import Metrics
 from torchgate.processors.config import ImagePreprocess
+from torchgate.serving.cache import CachePolicy
 from torchgate.serving.model_config import TensorSpec
 from torchgate.serving.registry import ModelRegistry, ServedVersion
 from torchgate.serving.service import InferenceResult, InferenceService
@@ -39,21 +38,25 @@ def registry_of(request: Request) -> ModelRegistry:
 
 def caller(request: Request) -> str:
     """Who is asking, for a sticky canary split: the API key's name, else the address."""
-    key_name = request.scope.get("state", {}).get("key_name")
-    if key_name:
-        return key_name
-    client = request.client
-    return client.host if client else ""
+    key = context(request).key
+    if key is not None:
+        return key.name
+    client = request.scope.get("client")
+    return client[0] if client else ""
 
 
-def resolve(request: Request, name: str | None, version: str | None) -> ServedVersion:
-    """The served version a request is for (a canary's, for some callers, when it names
-    none); the model becomes a metrics label only now."""
+def resolve(request: Request, name: str | None = None, version: str | None = None) -> ServedVersion:
+    """The served version a request is for (the route's `name` and `version` unless given;
+    a canary's, for some callers, when it names none); the model becomes a metrics label
+    only now."""
+    ctx = context(request)
+    params = ctx.params
+    name = name or params.get("name")
+    version = version or params.get("version")
     registry = registry_of(request)
     identity = "" if version else caller(request)
     served, canary = registry.route(name or registry.default_model(), version, identity)
-    state = request.state
-    state.model, state.version, state.canary = served.name, served.version, canary
+    ctx.model, ctx.version, ctx.canary = served.name, served.version, canary
     return served
 
 
@@ -99,9 +102,9 @@ async def run(
     """Run decoded inputs through the service; `material`: what a preprocessor made each
     row from (the cache keys rows by it)."""
     service: InferenceService = request.app.state.service
-    state = request.state
-    state.rows = rows
-    key_name = getattr(state, "key_name", None)
+    ctx = context(request)
+    ctx.rows = rows
+    key_name = ctx.key_name
     # a cache scoped per key keeps each key's answers (and what it asked) to itself; a
     # shared one must not say HIT to key B for what key A sent
     per_key = served.config.cache.scope == "key"
@@ -109,22 +112,36 @@ async def run(
         served,
         inputs,
         rows,
-        receive=request.receive,
-        cache_control=request.headers.get("cache-control"),
-        canary=getattr(state, "canary", None),
+        disconnected=_disconnect(request.receive),
+        cache_policy=CachePolicy.from_header(header(request.scope, b"cache-control")),
+        canary=ctx.canary,
         caller=caller(request),
         tenant=key_name if per_key and key_name else "",
         material=material,
     )
-    state.cache = result.cache
-    state.cache_visible = per_key or not key_name
-    state.queue_ms = round(result.queue_s * 1000, 3)
-    state.compute_ms = round(result.compute_s * 1000, 3)
+    ctx.cache = result.cache
+    ctx.cache_visible = per_key or not key_name
+    ctx.queue_ms = round(result.queue_s * 1000, 3)
+    ctx.compute_ms = round(result.compute_s * 1000, 3)
     return result
 
 
-def cache_header(request: Request, result: InferenceResult) -> dict[str, str]:
+def _disconnect(receive: Receive) -> Callable[[], Awaitable[None]]:
+    """What returns once the client has gone (the body is read: the next ASGI message on
+    this request is the disconnect)."""
+
+    async def disconnected() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    return disconnected
+
+
+_X_CACHE = {v: (b"x-cache", v.encode()) for v in ("HIT", "MISS", "PARTIAL")}
+
+
+def cache_header(request: Request, result: InferenceResult) -> list[tuple[bytes, bytes]]:
     """`X-Cache`, unless it would tell one key what another asked (a shared cache)."""
-    if result.cache and request.state.cache_visible:
-        return {"X-Cache": result.cache}
-    return {}
+    if result.cache and context(request).cache_visible:
+        return [_X_CACHE[result.cache]]
+    return []

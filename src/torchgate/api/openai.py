@@ -24,6 +24,9 @@ from starlette.responses import Response
 from torchgate.api import inference, prepare
 from torchgate.api.codec import parse_json
 from torchgate.api.deps import read_body
+from torchgate.api.routes import Policy, route
+from torchgate.edge.context import context
+from torchgate.edge.responses import Answer
 from torchgate.errors import BadRequest, ModelNotFound, TorchgateError
 from torchgate.processors.prepared import InputRefused
 from torchgate.processors.text import TextProcessor
@@ -129,17 +132,17 @@ def error(exc: Exception) -> Response:
     )
 
 
-async def _embeddings(request: Request, name: str | None, version: str | None) -> Response:
+async def embeddings(request: Request) -> Response | Answer:
     try:
         return await _answer(request)
     except TorchgateError as exc:
-        request.state.error = exc.message
+        context(request).error = exc.message
         if isinstance(exc, InputRefused) and getattr(exc, "param", None) is None:
             exc.param = "input"  # type: ignore[attr-defined]
         return error(exc)
 
 
-async def _answer(request: Request) -> Response:
+async def _answer(request: Request) -> Answer:
     body = await read_body(request)
     asked = await inference.decode(body, lambda: decode(parse_json(body)))
     try:
@@ -178,9 +181,7 @@ async def _answer(request: Request) -> Response:
     if post is not None:
         vectors = post.predictions(vectors)
     content = encode(vectors, asked, served.name, prepared.tokens)
-    return Response(
-        content, media_type="application/json", headers=inference.cache_header(request, result)
-    )
+    return Answer(content, headers=inference.cache_header(request, result))
 
 
 def _with_param(exc: TorchgateError, param: str) -> TorchgateError:
@@ -188,5 +189,4 @@ def _with_param(exc: TorchgateError, param: str) -> TorchgateError:
     return exc
 
 
-# the hot routes (served by `api.hot.HotRoutes`), each with its handler
-ROUTES = [("/v1/embeddings", _embeddings)]
+ROUTES = [route("/v1/embeddings", "POST", Policy.INFER, embeddings)]

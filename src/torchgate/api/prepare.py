@@ -18,9 +18,10 @@ import numpy as np
 from starlette.requests import Request
 
 from torchgate.api.codec import check_rows
+from torchgate.edge.context import context
+from torchgate.edge.limiter import RateLimiter
 from torchgate.errors import BadRequest, RateLimited
 from torchgate.metrics import Metrics
-from torchgate.middleware.ratelimit import RateLimiter
 from torchgate.processors.config import ImagePreprocess
 from torchgate.processors.prepared import InputRefused, Prepared
 from torchgate.serving.model_config import ModelConfig
@@ -91,20 +92,22 @@ async def prepare(request: Request, served: ServedVersion, items: list[object]) 
         raise
     elapsed = time.perf_counter() - started
     metrics.preprocess.labels(served.name).observe(elapsed)
-    request.state.preprocess_ms = round(elapsed * 1000, 3)
-    request.state.tokens = prepared.tokens or None
+    ctx = context(request)
+    ctx.preprocess_ms = round(elapsed * 1000, 3)
+    ctx.tokens = prepared.tokens or None
     await spend_tokens(request, prepared.tokens)
     return prepared
 
 
 async def spend_tokens(request: Request, tokens: int) -> None:
     """A key with `tokens_per_minute` spends a text request's tokens, or gets 429."""
-    per_minute = getattr(request.state, "tokens_per_minute", None)
+    key = context(request).key
+    per_minute = None if key is None else key.tokens_per_minute
     limiter: RateLimiter | None = request.app.state.limiter
-    if not tokens or per_minute is None or limiter is None:
+    if not tokens or key is None or per_minute is None or limiter is None:
         return
     spec = f"{per_minute}/minute"
-    decision = await limiter.hit(f"tokens:{request.state.key_name}", spec, cost=tokens)
+    decision = await limiter.hit(f"tokens:{key.name}", spec, cost=tokens)
     if not decision.allowed:
         limiter.metrics.ratelimit_rejections.labels("tokens").inc()
         raise RateLimited(

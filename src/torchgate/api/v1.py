@@ -7,19 +7,20 @@ from typing import Any
 
 import numpy as np
 import orjson
-from fastapi import APIRouter, Request
+from starlette.requests import Request
 from starlette.responses import Response
 
 from torchgate.api import inference, prepare
 from torchgate.api.codec import check_rows, check_shape, coerce, parse_json
-from torchgate.api.deps import V1_TYPES, Registry, media_type, read_body
+from torchgate.api.deps import V1_TYPES, media_type, read_body
+from torchgate.api.routes import Policy, route
+from torchgate.edge.context import context
+from torchgate.edge.responses import Answer
 from torchgate.errors import BadRequest, UnsupportedMediaType
 from torchgate.processors.image import MEDIA_TYPES
 from torchgate.serving.model_config import ModelConfig
 from torchgate.serving.registry import ServedVersion
 from torchgate.serving.service import InferenceResult
-
-router = APIRouter(tags=["v1"])
 
 _DUMPS = orjson.OPT_SERIALIZE_NUMPY
 
@@ -90,9 +91,9 @@ def encode(result: InferenceResult) -> bytes:
     return orjson.dumps(body, option=_DUMPS)
 
 
-async def _predict(request: Request, name: str | None, version: str | None) -> Response:
+async def predict(request: Request) -> Answer:
     body = await read_body(request, V1_TYPES)
-    served = inference.resolve(request, name, version)
+    served = inference.resolve(request)
     pre = served.model.preprocessor
     media = media_type(request)
     if media in MEDIA_TYPES:  # a raw image body: one row
@@ -121,11 +122,7 @@ async def _predict(request: Request, name: str | None, version: str | None) -> R
         else:
             inputs, rows = found
             result = await inference.run(request, served, inputs, rows)
-    return Response(
-        encode(result),
-        media_type="application/json",
-        headers=inference.cache_header(request, result),
-    )
+    return Answer(encode(result), headers=inference.cache_header(request, result))
 
 
 async def _processed(
@@ -138,17 +135,10 @@ async def _processed(
     )
 
 
-# the hot routes (served by `api.hot.HotRoutes`), each with its handler
-ROUTES = [
-    ("/predict", _predict),
-    ("/v1/models/{name}:predict", _predict),
-    ("/v1/models/{name}/versions/{version}:predict", _predict),
-]
-
-
-@router.get("/v1/models/{name}", summary="Status of a model's versions")
-async def model_status(name: str, registry: Registry) -> Response:
-    served = registry.get(name)
+async def model_status(request: Request) -> Response:
+    """`GET /v1/models/{name}`: the state of a model's versions, those the gate refused
+    (`serving.admission`) included, with the reason."""
+    served = inference.registry_of(request).get(context(request).params["name"])
     statuses: list[dict[str, str]] = [
         {
             "version": str(number),
@@ -159,7 +149,6 @@ async def model_status(name: str, registry: Registry) -> Response:
         }
         for number, v in served.versions.items()
     ]
-    # versions the gate refused (serving.admission): listed, not served
     statuses += [
         {"version": str(n), "state": "UNAVAILABLE", "reason": reason}
         for n, reason in served.refused.items()
@@ -170,3 +159,11 @@ async def model_status(name: str, registry: Registry) -> Response:
         "model_version_status": sorted(statuses, key=lambda s: int(s["version"])),
     }
     return Response(orjson.dumps(body), media_type="application/json")
+
+
+ROUTES = [
+    route("/predict", "POST", Policy.INFER, predict),
+    route("/v1/models/{name}:predict", "POST", Policy.INFER, predict),
+    route("/v1/models/{name}/versions/{version}:predict", "POST", Policy.INFER, predict),
+    route("/v1/models/{name}", "GET", Policy.INFER, model_status),
+]

@@ -113,15 +113,26 @@ def row_keys(
             keys.append(h.digest())
         return keys
     batched = model.config.batched
+    parts: list[tuple[bytes, np.ndarray | None, np.ndarray]] = []
+    for spec, array in zip(specs, inputs, strict=True):
+        shape = array.shape[1:] if batched else array.shape
+        head = spec + struct.pack(f"<I{len(shape)}q", len(shape), *shape)
+        if array.dtype.kind == "O":  # BYTES: per row, below
+            parts.append((head, None, array))
+            continue
+        contiguous = np.ascontiguousarray(array)
+        row_bytes = contiguous.itemsize * (contiguous.size // rows if batched else contiguous.size)
+        parts.append((head + struct.pack("<Q", row_bytes), contiguous, array))
     keys = []
     for i in range(rows):
         h = start.copy()
-        for spec, array in zip(specs, inputs, strict=True):
-            row = array[i] if batched else array
-            h.update(spec)
-            h.update(struct.pack(f"<I{row.ndim}q", row.ndim, *row.shape))
-            data = _row_bytes(row)
-            h.update(struct.pack("<Q", len(data)) + data)
+        for head, contiguous, array in parts:
+            h.update(head)
+            if contiguous is None:
+                data = _row_bytes(array[i] if batched else array)
+                h.update(struct.pack("<Q", len(data)) + data)
+            else:  # the row's bytes straight from the array's buffer
+                h.update(contiguous[i] if batched else contiguous)
         keys.append(h.digest())
     return keys
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,10 +133,10 @@ class DriftMonitor:
         self._gauge = metrics.drift_score.labels(model)
         self._gauge.set(math.nan)
         self._metrics = metrics
-        self._rows = np.zeros((size, reference.features), dtype=np.float32)
-        self._classes = np.full(size, -1, dtype=np.int64)
-        self._next = 0
-        self._held = 0
+        # each request's rows as they came (at most `size` requests, so at least `size`
+        # rows): appending is O(1) on the request path; the window is assembled only
+        # when a score is due
+        self._recent: deque[tuple[np.ndarray, np.ndarray | None]] = deque(maxlen=size)
         self._seen = 0  # rows observed ever: a new score is due when it moved
         self._scored = 0
 
@@ -163,28 +164,11 @@ class DriftMonitor:
         return cls(folder.name, reference, metrics)
 
     def observe(self, rows: np.ndarray, classes: np.ndarray | None = None) -> None:
-        """Copy a request's rows ([n, ...], flattened per row) into the ring: O(rows)."""
-        n = len(rows)
-        flat = rows.reshape(n, -1)
-        if flat.shape[1] != self.reference.features:
+        """Keep a request's rows ([n, ...]) and their top classes for the window: O(1)."""
+        if rows.ndim == 0 or rows.size != len(rows) * self.reference.features:
             return
-        if n > self.size:
-            flat = flat[-self.size :]
-            classes = None if classes is None else classes[-self.size :]
-            n = self.size
-        start, end = self._next, self._next + n
-        first = min(end, self.size) - start
-        self._rows[start : start + first] = flat[:first]
-        self._rows[: n - first] = flat[first:]
-        if classes is None:
-            self._classes[start : start + first] = -1
-            self._classes[: n - first] = -1
-        else:
-            self._classes[start : start + first] = classes[:first]
-            self._classes[: n - first] = classes[first:]
-        self._next = end % self.size
-        self._held = min(self.size, self._held + n)
-        self._seen += n
+        self._recent.append((rows, classes))
+        self._seen += len(rows)
 
     @property
     def due(self) -> bool:
@@ -192,9 +176,18 @@ class DriftMonitor:
         return self._seen != self._scored
 
     def snapshot(self) -> tuple[np.ndarray, np.ndarray]:
-        """A copy of the window's rows and classes, taken on the loop for a thread to score."""
+        """The window's last `size` rows and classes (-1: unknown), taken on the loop for a
+        thread to score."""
         self._scored = self._seen
-        return self._rows[: self._held].copy(), self._classes[: self._held].copy()
+        recent = list(self._recent)
+        if not recent:
+            empty = np.zeros((0, self.reference.features), dtype=np.float32)
+            return empty, np.zeros(0, dtype=np.int64)
+        rows = np.concatenate([r.reshape(len(r), -1) for r, _ in recent]).astype(np.float32)
+        classes = np.concatenate(
+            [np.full(len(r), -1, dtype=np.int64) if c is None else c for r, c in recent]
+        )
+        return rows[-self.size :], classes[-self.size :].astype(np.int64, copy=False)
 
     def score(self, rows: np.ndarray, classes: np.ndarray) -> DriftReport:
         """The drift report of a snapshot (CPU work: run it in a thread)."""

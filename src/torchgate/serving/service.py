@@ -32,7 +32,6 @@ from torchgate.serving.canary import Arm
 from torchgate.serving.registry import ModelRegistry, ServedVersion
 from torchgate.serving.scores import top_classes
 
-Receive = Callable[[], Awaitable[dict[str, Any]]]
 T = TypeVar("T")
 
 
@@ -70,14 +69,16 @@ class InferenceService:
         inputs: list[np.ndarray],
         rows: int,
         *,
-        receive: Receive | None = None,
-        cache_control: str | None = None,
+        disconnected: Callable[[], Awaitable[None]] | None = None,
+        cache_policy: CachePolicy = CachePolicy.USE,
         canary: Arm | None = None,
         caller: str = "",
         tenant: str = "",
         material: list[bytes] | None = None,
     ) -> InferenceResult:
         """Cache, then breaker, then batcher, for the rows the cache does not have.
+        `disconnected` returns once the client has gone (a request that may wait long is
+        dropped then); `cache_policy` is what the client's Cache-Control allows;
         `canary`: the side of a rollout that routed this request to its version;
         `caller`: who sent it (a key's name or an address), for failures that may be the
         input's fault; `tenant`: the cache's namespace ("" for the one every caller shares);
@@ -99,10 +100,10 @@ class InferenceService:
                 # disconnect watcher: only one that may wait long gets one
                 waits = served.batcher.may_wait_long()
                 future = _submit(served, subset, subset_rows)
-                if receive is None or not waits:
+                if disconnected is None or not waits:
                     result = await future
                 else:
-                    result = await _unless_disconnected(future, receive)
+                    result = await _unless_disconnected(future, disconnected)
             except InferenceFailed as exc:
                 # the model worked on other input meanwhile: the input may be at fault, and
                 # counts only when several callers fail so (see breaker.py)
@@ -123,8 +124,7 @@ class InferenceService:
             answer.top, answer.top_probability = result.top, result.top_probability
             return result.outputs
 
-        policy = CachePolicy.from_header(cache_control)
-        work = served.cache.run(inputs, rows, policy, compute, tenant, material)
+        work = served.cache.run(inputs, rows, cache_policy, compute, tenant, material)
         answer.outputs, answer.cache = await (
             work if canary is None else _watched(canary, work, caller)
         )
@@ -220,16 +220,14 @@ async def _watched(canary: Arm, work: Awaitable[T], caller: str) -> T:
     return result
 
 
-async def _unless_disconnected(future: asyncio.Future[T], receive: Receive) -> T:
-    """Await `future`, cancelling it (so it is never computed) if the client goes away.
-
-    The body has been read, so the next ASGI message on this request is the disconnect.
-    """
+async def _unless_disconnected(
+    future: asyncio.Future[T], disconnected: Callable[[], Awaitable[None]]
+) -> T:
+    """Await `future`, cancelling it (so it is never computed) if the client goes away."""
 
     async def watch() -> None:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            future.cancel()
+        await disconnected()
+        future.cancel()
 
     watcher = asyncio.ensure_future(watch())
     try:

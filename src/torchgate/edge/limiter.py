@@ -1,4 +1,5 @@
-"""Rate limits per API key (per client address when auth is off): sliding-window counters.
+"""`RateLimiter`: rate limits per API key (per client address when auth is off), with
+sliding-window counters.
 
 The sliding-window-counter strategy keeps two counters per identity (this window's and
 the last one's, weighted by how much of it still overlaps). With `TORCHGATE_REDIS_URL` the
@@ -25,16 +26,12 @@ from cachetools import LRUCache
 from limits import RateLimitItem, parse
 from limits.aio.storage import RedisStorage
 from limits.aio.strategies import SlidingWindowCounterRateLimiter
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from torchgate.metrics import Metrics
-from torchgate.middleware.auth import OBSERVABILITY, PROBES
-from torchgate.middleware.responses import send_error
 
 log = logging.getLogger("torchgate.ratelimit")
 
 SHARED_RETRY_S = 1.0
-_UNLIMITED = PROBES | OBSERVABILITY
 
 
 @dataclass(slots=True)
@@ -132,6 +129,16 @@ class RateLimiter:
             item = self._items[spec] = parse(spec)
         return "key", item
 
+    @property
+    def shared(self) -> bool:
+        """Whether counters are in Redis (so `hit` must be awaited); else `hit_local`."""
+        return self._shared is not None
+
+    def hit_local(self, identity: str, spec: str | None = None, cost: int = 1) -> Decision:
+        """`hit` with the in-process counters: no await, no lock, O(1)."""
+        policy, item = self.item(spec)
+        return self._local_decision(identity, policy, item, cost)
+
     async def hit(self, identity: str, spec: str | None = None, cost: int = 1) -> Decision:
         policy, item = self.item(spec)
         if self._shared is not None and self.clock() >= self._shared_retry_at:
@@ -145,6 +152,11 @@ class RateLimiter:
                         extra={"error": type(exc).__name__},
                     )
                 self._shared_retry_at = self.clock() + SHARED_RETRY_S
+        return self._local_decision(identity, policy, item, cost)
+
+    def _local_decision(
+        self, identity: str, policy: str, item: RateLimitItem, cost: int
+    ) -> Decision:
         window = item.get_expiry()
         allowed, remaining, reset_s = self._local.hit(
             f"{identity}/{item.amount}/{window}", item.amount, window, cost
@@ -163,38 +175,3 @@ class RateLimiter:
         reset_at, remaining = await limiter.get_window_stats(item, identity)
         reset_s = max(1, math.ceil(reset_at - time.time()))
         return Decision(allowed, policy, item.amount, item.get_expiry(), remaining, reset_s)
-
-
-class RateLimitMiddleware:
-    """429 with `Retry-After` over the limit; the rate-limit fields on every limited answer."""
-
-    def __init__(self, app: ASGIApp, *, limiter: RateLimiter | None) -> None:
-        self.app = app
-        self.limiter = limiter
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.limiter is None or scope["type"] != "http" or scope["path"] in _UNLIMITED:
-            await self.app(scope, receive, send)
-            return
-        state = scope.setdefault("state", {})
-        name = state.get("key_name")
-        client = scope.get("client")
-        identity = f"key:{name}" if name else f"ip:{client[0] if client else 'unknown'}"
-        decision = await self.limiter.hit(identity, state.get("rate_limit"))
-        headers = decision.headers()
-        if not decision.allowed:
-            self.limiter.metrics.ratelimit_rejections.labels(decision.policy).inc()
-            await send_error(
-                send,
-                429,
-                f"rate limit of {decision.limit} requests per {decision.window_s} s exceeded",
-                {"Retry-After": str(decision.reset_s), **decision.header_dict()},
-            )
-            return
-
-        async def send_with_headers(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", []), *headers]
-            await send(message)
-
-        await self.app(scope, receive, send_with_headers)

@@ -1,16 +1,14 @@
-"""API-key authentication and scopes, before anything else looks at the request."""
+"""API-key authentication and scopes, by the matched route's policy."""
 
 from __future__ import annotations
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from torchgate.api.routes import Policy
+from torchgate.edge.context import header
+from torchgate.edge.responses import send_error
 from torchgate.keys import KeyStore
-from torchgate.middleware.context import header
-from torchgate.middleware.responses import send_error
 
-PROBES = frozenset({"/health", "/health/ready", "/v2/health/live", "/v2/health/ready"})
-OBSERVABILITY = frozenset({"/metrics", "/dashboard", "/dashboard/data"})
-ADMIN_PREFIXES = ("/v2/repository", "/admin")
 _UNAUTHORIZED = {"WWW-Authenticate": "Bearer"}
 
 
@@ -27,17 +25,22 @@ def presented_key(scope: Scope) -> str | None:
 class AuthMiddleware:
     """401 for a missing or unknown key, 403 for a key without the route's scope.
 
-    Probes are always open; `/metrics` and `/dashboard` are open unless `metrics_open` is
-    false. The key's name (never the key) goes into `scope["state"]` for logs and limits.
-    """
+    `PROBE` routes are always open, `OBSERVABILITY` ones unless `metrics_open` is false;
+    an unknown path or method needs no key (its 404 or 405 tells nothing). The key (its
+    name and limits, never the key) goes into the request context for logs and limits."""
 
     def __init__(self, app: ASGIApp, *, keys: KeyStore, metrics_open: bool = True) -> None:
         self.app = app
         self.keys = keys
-        self.open_paths = PROBES | OBSERVABILITY if metrics_open else PROBES
+        self.open = {Policy.PROBE, Policy.OBSERVABILITY} if metrics_open else {Policy.PROBE}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in self.open_paths:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        ctx = scope["torchgate"]
+        route = ctx.route
+        if route is None or route.policy in self.open:
             await self.app(scope, receive, send)
             return
         presented = presented_key(scope)
@@ -46,12 +49,9 @@ class AuthMiddleware:
             message = "unknown API key" if presented else "missing API key"
             await send_error(send, 401, message, _UNAUTHORIZED)
             return
-        needed = "admin" if scope["path"].startswith(ADMIN_PREFIXES) else "infer"
-        if needed not in key.scopes and "admin" not in key.scopes:  # admin includes infer
+        needed = "admin" if route.policy is Policy.ADMIN else "infer"  # admin includes infer
+        if needed not in key.scopes and "admin" not in key.scopes:
             await send_error(send, 403, f"this key lacks the {needed!r} scope")
             return
-        state = scope.setdefault("state", {})
-        state["key_name"] = key.name
-        state["rate_limit"] = key.rate_limit
-        state["tokens_per_minute"] = key.tokens_per_minute
+        ctx.key = key
         await self.app(scope, receive, send)

@@ -13,10 +13,11 @@ import asyncio
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from torchgate.edge.context import header
+from torchgate.edge.deadlines import Deadlines
+from torchgate.edge.responses import send_error
 from torchgate.errors import PayloadTooLarge, RequestTimeout
 from torchgate.metrics import Metrics
-from torchgate.middleware.context import header
-from torchgate.middleware.responses import send_error
 
 _CLOSE = {"Connection": "close"}
 
@@ -27,6 +28,7 @@ class BodyLimitMiddleware:
         self.max_bytes = max_bytes
         self.timeout_s = timeout_s
         self.metrics = metrics
+        self.deadlines = Deadlines(timeout_s)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
@@ -46,7 +48,8 @@ class BodyLimitMiddleware:
                 self.metrics.refused.labels("too_large").inc()
                 await send_error(send, 413, self._too_large(), _CLOSE)
                 return
-        deadline = asyncio.get_running_loop().time() + self.timeout_s
+        deadlines = self.deadlines
+        token = deadlines.watch()
         seen = 0
         done = False
 
@@ -55,23 +58,29 @@ class BodyLimitMiddleware:
             if done:  # the body is in: what comes next is the disconnect, wait as long as it takes
                 return await receive()
             try:
-                # asyncio.timeout arms one timer on this task; wait_for would start a task
-                async with asyncio.timeout_at(deadline):
-                    message = await receive()
-            except TimeoutError:
-                self.metrics.refused.labels("body_timeout").inc()
-                raise RequestTimeout(
-                    f"request body not received within {self.timeout_s:g} s", headers=_CLOSE
-                ) from None
+                message = await receive()
+            except asyncio.CancelledError:
+                if deadlines.expired(token):
+                    self.metrics.refused.labels("body_timeout").inc()
+                    raise RequestTimeout(
+                        f"request body not received within {self.timeout_s:g} s", headers=_CLOSE
+                    ) from None
+                raise
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:
+                    deadlines.release(token)
                     self.metrics.refused.labels("too_large").inc()
                     raise PayloadTooLarge(self._too_large(), headers=_CLOSE)
                 done = not message.get("more_body", False)
+            if done or message["type"] != "http.request":
+                deadlines.release(token)
             return message
 
-        await self.app(scope, limited_receive, send)
+        try:
+            await self.app(scope, limited_receive, send)
+        finally:
+            deadlines.release(token)
 
     def _too_large(self) -> str:
         return f"request body larger than {self.max_bytes} bytes"

@@ -1,1 +1,0 @@
-"""Pure ASGI middleware, outermost first: request context, metrics, auth, limits."""
