@@ -31,10 +31,12 @@ from torchgate.edge.limits import RateLimitMiddleware
 from torchgate.edge.metrics import MetricsMiddleware
 from torchgate.keys import KeyStore
 from torchgate.metrics import Metrics
+from torchgate.serving.admission import Admission, admit_all
 from torchgate.serving.cache import InferenceCache
 from torchgate.serving.drift import DriftScorer
 from torchgate.serving.registry import ModelRegistry
-from torchgate.serving.repository import ModelFolder, ModelRepository
+from torchgate.serving.repository import ModelRepository
+from torchgate.serving.rollout_state import RolloutState, open_store
 from torchgate.serving.service import InferenceService
 
 log = logging.getLogger("torchgate")
@@ -56,10 +58,10 @@ def torch_threads(settings: Settings) -> int:
     return max(1, (os.cpu_count() or 2) // 2)
 
 
-def create_app(settings: Settings, *, models: dict[str, ModelFolder] | None = None) -> FastAPI:
-    """A torchgate app for `settings`. `models` are already-loaded folders (the CLI loads
-    them first so a broken repository fails before the server starts); otherwise the
-    lifespan loads the repository."""
+def create_app(settings: Settings, *, models: dict[str, Admission] | None = None) -> FastAPI:
+    """A torchgate app for `settings`. `models` are models already through the gate (the
+    CLI admits them first so a broken repository fails before the server starts);
+    otherwise the lifespan loads the repository and holds it to the gate."""
     metrics = Metrics(CollectorRegistry(), version=__version__)
     auth_on = settings.auth == "on"
     keys = KeyStore.load(settings.api_keys_file, settings.plain_api_keys()) if auth_on else None
@@ -83,10 +85,16 @@ def create_app(settings: Settings, *, models: dict[str, ModelFolder] | None = No
         cache = InferenceCache(
             metrics, redis_url=settings.redis_url, ttl_override_s=settings.cache_ttl_s
         )
-        registry = ModelRegistry(repository, settings, metrics, cache)
-        folders = models if models is not None else await asyncio.to_thread(repository.load_all)
-        for folder in folders.values():
-            registry.add(folder)
+        rollouts = RolloutState(open_store(repository.root, settings.redis_url))
+        registry = ModelRegistry(repository, settings, metrics, cache, rollouts)
+        admitted = models
+        if admitted is None:
+            admitted = await asyncio.to_thread(admit_all, repository, rollouts.read)
+        # popped: from here the registry alone holds the models, so that a version it
+        # unloads is freed
+        for name in list(admitted):
+            registry.install(admitted.pop(name))
+        registry.start()
         app.state.registry = registry
         app.state.service = InferenceService(registry, metrics, draining=lambda: app.state.draining)
         sampler = Sampler(

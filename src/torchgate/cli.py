@@ -172,15 +172,20 @@ def _run(settings: Settings, listener: socket.socket) -> int:
 
     from torchgate.app import create_app, torch_threads  # torch is imported here, not at --help
     from torchgate.protocol import BoundedHttpTools
+    from torchgate.serving.admission import admit_all
     from torchgate.serving.repository import ModelRepository
+    from torchgate.serving.rollout_state import RolloutState, open_store
 
     torch.set_num_threads(torch_threads(settings))
+    repository = ModelRepository(settings.models, settings.device, max_tokens=settings.max_tokens)
+    # every version through the gate, with the recorded rollout decisions, before binding
+    state = RolloutState(open_store(repository.root, settings.redis_url))
     try:
-        models = ModelRepository(
-            settings.models, settings.device, max_tokens=settings.max_tokens
-        ).load_all()
+        models = admit_all(repository, state.read)
     except ModelLoadError as exc:
         return _fail(str(exc))
+    finally:
+        state.close()
     app = create_app(settings, models=models)
     config = uvicorn.Config(
         app,

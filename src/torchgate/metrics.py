@@ -288,14 +288,18 @@ class Metrics:
         return children
 
     def forget_version(self, model: str, version: str) -> None:
-        """Drop the series of an unloaded version so they do not linger at stale values."""
+        """Drop every series of an unloaded version, so none lingers at a stale value (an
+        open circuit's alert would keep firing for a version that is gone)."""
         for metric in (
             self.batch_size,
             self.queue_rows,
             self.queue_wait,
             self.compute,
+            self.batch_retries,
             self.load_bytes,
             self.padding_ratio,
+            self.circuit_state,
+            self.canary_weight,
         ):
             with contextlib.suppress(KeyError):
                 metric.remove(model, version)

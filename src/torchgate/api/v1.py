@@ -136,21 +136,27 @@ async def _processed(
 
 
 async def model_status(request: Request) -> Response:
-    """`GET /v1/models/{name}`: the state of a model's versions."""
+    """`GET /v1/models/{name}`: the state of a model's versions, those the gate refused
+    (`serving.admission`) included, with the reason."""
     served = inference.registry_of(request).get(context(request).params["name"])
+    statuses: list[dict[str, str]] = [
+        {
+            "version": str(number),
+            "state": "AVAILABLE" if v.batcher.accepting else "UNLOADING",
+            "circuit": v.breaker.state.name.lower(),
+            "device": str(v.model.device),
+            "sha256": v.model.sha256,
+        }
+        for number, v in served.versions.items()
+    ]
+    statuses += [
+        {"version": str(n), "state": "UNAVAILABLE", "reason": reason}
+        for n, reason in served.refused.items()
+    ]
     body = {
         "name": served.name,
         "default_version": str(served.default_version),
-        "model_version_status": [
-            {
-                "version": str(number),
-                "state": "AVAILABLE" if v.batcher.accepting else "UNLOADING",
-                "circuit": v.breaker.state.name.lower(),
-                "device": str(v.model.device),
-                "sha256": v.model.sha256,
-            }
-            for number, v in sorted(served.versions.items())
-        ],
+        "model_version_status": sorted(statuses, key=lambda s: int(s["version"])),
     }
     return Response(orjson.dumps(body), media_type="application/json")
 

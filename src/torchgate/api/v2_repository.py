@@ -1,6 +1,10 @@
 """The V2 model repository extension (as Triton has it): list the repository's models, and
 load or unload one by name.
 
+The index lists every version folder: READY when served, UNAVAILABLE with the reason when
+not (refused by the gate, or the model is not loaded). A load answers with the versions
+served, the default one, and the versions refused with why (`serving.admission`).
+
 Loading and unloading are refused (403) unless `model_control` is "explicit", as Triton
 refuses them outside its explicit mode; the admin scope on `/v2/repository` is the auth
 middleware's to check. A model name is only ever looked up inside the repository folder.
@@ -10,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -20,6 +23,7 @@ from starlette.responses import Response
 from torchgate.api.codec import parse_json
 from torchgate.api.deps import V2_TYPES, Registry, read_body
 from torchgate.errors import BadRequest, Forbidden, ModelLoadError
+from torchgate.serving.admission import describe
 from torchgate.serving.model_config import MODEL_NAME
 from torchgate.serving.registry import ModelRegistry
 from torchgate.serving.repository import ModelRepository
@@ -87,7 +91,11 @@ async def index(request: Request, registry: Registry) -> Response:
     for name in sorted(set(loaded) | set(folders)):
         served = loaded.get(name)
         if served is not None:
-            for number, version in sorted(served.versions.items()):
+            for number in sorted(set(served.versions) | set(served.refused)):
+                version = served.versions.get(number)
+                if version is None:
+                    entries.append(_entry(name, str(number), False, served.refused[number]))
+                    continue
                 accepting = version.batcher.accepting
                 reason = "" if accepting else "not accepting requests"
                 entries.append(_entry(name, str(number), accepting, reason))
@@ -108,16 +116,6 @@ def _allow_model_control(request: Request) -> None:
         )
 
 
-def _problem(exc: ModelLoadError, root: Path) -> str:
-    """The load error without the server's own paths: relative to the repository root."""
-    path = exc.path
-    if isinstance(path, Path):
-        if not path.is_relative_to(root):
-            return exc.problem
-        return f"{path.relative_to(root)}: {exc.problem}"
-    return f"{path}: {exc.problem}"
-
-
 @router.post("/v2/repository/models/{name}/load", summary="Load or reload a model")
 async def load(name: str, request: Request, registry: Registry) -> Response:
     _allow_model_control(request)
@@ -131,11 +129,24 @@ async def load(name: str, request: Request, registry: Registry) -> Response:
     try:
         served = await registry.load(name)
     except ModelLoadError as exc:
-        problem = _problem(exc, registry.repository.root)
+        problem = describe(exc, registry.repository.root)
         raise BadRequest(f"model {name} could not be loaded: {problem}") from None
     versions = [str(v) for v in sorted(served.versions)]
-    log.info("model loaded on request", extra={"model": name, "versions": versions})
-    return _json({"name": name, "versions": versions, "state": "READY"})
+    refused = [{"version": str(v), "reason": r} for v, r in sorted(served.refused.items())]
+    log.info(
+        "model loaded on request",
+        extra={"model": name, "versions": versions, "refused": [r["version"] for r in refused]},
+    )
+    return _json(
+        {
+            "name": name,
+            "versions": versions,
+            "default_version": str(served.default_version),
+            "state": "READY",
+            "refused": refused,
+            "notes": served.notes,
+        }
+    )
 
 
 @router.post("/v2/repository/models/{name}/unload", summary="Unload a model")

@@ -1,26 +1,33 @@
-"""`Canary`: a progressive rollout of one model version, promoted or rolled back by its
-own outcomes.
+"""`Canary`: a progressive rollout of one model version next to its stable version,
+promoted or rolled back by how the two compare.
 
-Requests that name no version are split by `weight`: each caller identity (API key name,
-or client address) hashes (BLAKE2b, stable across processes and restarts, unlike
-`hash()`) to a bucket in [0, 1) and goes to the canary when its bucket is under the
-weight, so one caller keeps seeing one version while the weight holds, and raising the
-weight only moves more callers over. The canary's outcomes (a server-side failure:
-`InferenceFailed`, `DeadlineExceeded`, `CircuitOpen`; and latency) fill a sliding window
-(failures that may be the input's fault count only once several callers have them, as
-for the circuit breaker: `blame.CallerSpread`)
-(the last `max(min_requests, 100)` outcomes, none older than `window_s`):
+**The split.** `weight` is the share of requests (those that name no version) that go to
+the canary, whatever the number of callers. Each caller (API key name, or client address)
+has a place in [0, 1) for the rollout (BLAKE2b of the model, version and caller: stable
+across processes and restarts, unlike `hash()`), and its requests are counted in runs of
+`RUN` (10): run r goes to the canary when `floor(place + (r + 1) * weight)` passes an
+integer that `floor(place + r * weight)` did not. So a caller sending fewer than 10
+requests sees one version, a busier one sees runs of 10 on one version, and each caller's
+requests, one caller or thousands, go to the canary in the weight's share. Raising the
+weight moves a caller's first run only towards the canary. The counts live here, per
+caller, for the last `MAX_CALLERS` callers.
 
-- once the window holds a few outcomes (`min(20, min_requests)`), an error rate over
-  `max_error_rate` or a p99 over `max_p99_ms` rolls it back to weight 0 at once;
-- after `min_requests` canary requests at one weight with both gates holding, the weight
+**The gates.** Requests routed while the rollout runs record their outcome on their side
+(`Arm`): a server-side failure (`InferenceFailed`, `DeadlineExceeded`, `CircuitOpen`) and
+the latency. A failure that may be the input's fault counts only once several callers
+have had one (`blame.CallerSpread`, one per side, as for the circuit breaker); client
+errors never reach here. `canary_gates.CanaryGates` compares the canary's window (the last
+`max(min_requests, 100)` outcomes, none older than `window_s`) with the stable version's
+over the same stretch of time:
+
+- a canary measurably worse (error rate or p99) rolls back to weight 0 at once;
+- after `min_requests` canary requests at one weight with no gate failing, the weight
   steps up to the next of `steps`; reaching 1.0 promotes it: it becomes the model's
   default version and the rollout ends.
 
-Recording is O(1): running counts of errors and of outcomes slower than `max_p99_ms` (p99
-is over the bound exactly when more than 1% of the window is), so no sort per request;
-the p99 itself is computed only when someone reads the state. Every decision is logged
-and counted (`torchgate_canary_decisions_total`, `torchgate_canary_weight`).
+Every decision is logged, counted (`torchgate_canary_decisions_total`,
+`torchgate_canary_weight`) and handed to `on_decision`, which records it
+(`rollout_state`); a stored decision is taken back with `adopt`.
 """
 
 from __future__ import annotations
@@ -29,21 +36,24 @@ import hashlib
 import logging
 import math
 import time
-from collections import deque
-from collections.abc import Callable, Mapping
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
 from torchgate.metrics import Metrics
 from torchgate.serving.blame import CallerSpread
+from torchgate.serving.canary_gates import CanaryGates, Window
 from torchgate.serving.model_config import CanaryConfig
-from torchgate.serving.repository import ModelFolder
+from torchgate.serving.rollout_state import RolloutRecord, now_iso
 
 log = logging.getLogger("torchgate.canary")
 
 MIN_WINDOW = 100
-MIN_SAMPLE = 20
+RUN = 10  # a caller's requests go to one side in runs of this many
+MAX_CALLERS = 10_000  # callers whose counts are kept; the least recent are forgotten
+STABLE_LIMIT = 20_000  # stable outcomes kept at most (at a small weight, many per canary one)
 _SCALE = float(2**64)
 
 
@@ -55,25 +65,46 @@ class CanaryStatus(Enum):
 
 
 @dataclass(slots=True)
-class _Outcome:
-    at: float
-    failed: bool
-    slow: bool
-    latency_s: float
-
-
-@dataclass(slots=True)
 class Decision:
     decision: str  # step, promote, rollback or manual
     weight: float
     reason: str
-    at: float
+    at: float  # on the canary's clock
+    when: str  # wall-clock time (ISO 8601), as recorded
+    here: bool = True  # made by this server (False: read back from the stored record)
 
 
 def bucket(identity: str, salt: str) -> float:
     """A caller's stable place in [0, 1) for one rollout."""
     digest = hashlib.blake2b(f"{salt}\0{identity}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") / _SCALE
+
+
+class Arm:
+    """One side of a rollout as the request path sees it: where the outcome of a request
+    routed to `version` is recorded."""
+
+    __slots__ = ("_canary", "_spread", "version", "window")
+
+    def __init__(self, canary: Canary, version: int, window: Window) -> None:
+        self._canary = canary
+        self.version = version
+        self.window = window
+        self._spread = CallerSpread(clock=canary.clock)
+
+    def record(self, failed: bool, latency_s: float) -> None:
+        """One request's outcome on this side; may step, promote or roll back."""
+        self._canary._record(self, failed, latency_s)
+
+    def suspect(self, caller: str, latency_s: float) -> None:
+        """A failure that may be the input's fault: recorded as one only when several
+        callers have had them lately; otherwise not recorded at all."""
+        if self._spread.failed(caller):
+            self.record(True, latency_s)
+
+    def clear(self) -> None:
+        self.window.clear()
+        self._spread.clear()
 
 
 class Canary:
@@ -88,25 +119,27 @@ class Canary:
         metrics: Metrics,
         clock: Callable[[], float] = time.monotonic,
         on_promote: Callable[[int], None] = lambda version: None,
+        on_decision: Callable[[Canary], None] = lambda canary: None,
     ) -> None:
         self.model = model
         self.stable = stable
+        self.rolled_from = stable  # the stable version when the rollout began
         self.policy = policy
         self.metrics = metrics
         self.clock = clock
         self.on_promote = on_promote
+        self.on_decision = on_decision
         self.version = policy.version
         self.weight = policy.weight
         self.status = CanaryStatus.ACTIVE if self.weight > 0 else CanaryStatus.PAUSED
+        self.generation = 0  # of the stored record this rollout follows (rollout_state)
         self.last: Decision | None = None
-        self._window: deque[_Outcome] = deque()
-        self._size = max(policy.min_requests, MIN_WINDOW)
-        self._min_sample = min(MIN_SAMPLE, policy.min_requests)
-        self._errors = 0
-        self._slow = 0
+        self.gates = CanaryGates(policy)
+        self.canary_arm = Arm(self, self.version, Window(max(policy.min_requests, MIN_WINDOW)))
+        self.stable_arm = Arm(self, stable, Window(STABLE_LIMIT))
         self._since_step = 0
         self._salt = f"{model}/{self.version}"
-        self._spread = CallerSpread(clock=clock)
+        self._callers: OrderedDict[str, list[float]] = OrderedDict()  # place, requests
         self._gauge(self.weight)
 
     # the request path -------------------------------------------------------------------
@@ -117,54 +150,55 @@ class Canary:
         return self.status is CanaryStatus.ACTIVE
 
     def choose(self, identity: str) -> int:
-        """The version a caller's request without a version goes to."""
+        """The version a caller's request without a version goes to (counted)."""
         if self.status is not CanaryStatus.ACTIVE:
             return self.stable
-        return self.version if bucket(identity, self._salt) < self.weight else self.stable
+        entry = self._callers.get(identity)
+        if entry is None:
+            entry = self._callers[identity] = [bucket(identity, self._salt), 0]
+            if len(self._callers) > MAX_CALLERS:
+                self._callers.popitem(last=False)
+        else:
+            self._callers.move_to_end(identity)
+        place, count = entry
+        entry[1] = count + 1
+        start = place + count // RUN * self.weight
+        return self.version if math.floor(start + self.weight) > math.floor(start) else self.stable
 
-    def record(self, failed: bool, latency_s: float) -> None:
-        """One canary request's outcome; may step, promote or roll back."""
+    def arm(self, version: int) -> Arm | None:
+        """The side a request routed to `version` records on (None: not part of it)."""
+        if version == self.version:
+            return self.canary_arm
+        return self.stable_arm if version == self.stable else None
+
+    def _record(self, arm: Arm, failed: bool, latency_s: float) -> None:
         if self.status is not CanaryStatus.ACTIVE:
             return
         now = self.clock()
-        slow = latency_s * 1000 > self.policy.max_p99_ms
-        self._window.append(_Outcome(now, failed, slow, latency_s))
-        self._errors += failed
-        self._slow += slow
+        arm.window.add(now, failed, latency_s)
+        canary, stable = self.canary_arm.window, self.stable_arm.window
         oldest = now - self.policy.window_s
-        while len(self._window) > self._size or self._window[0].at < oldest:
-            self._forget(self._window.popleft())
+        canary.forget_before(oldest)
+        # the stable version is judged over the same stretch of time as the canary
+        stable.forget_before(max(oldest, canary.oldest if canary.oldest is not None else oldest))
+        if arm is self.stable_arm:
+            return
         self._since_step += 1
-        problem = self._failing()
+        problem = self.gates.failing(canary, stable)
         if problem:
             self._rollback(problem)
         elif self._since_step >= self.policy.min_requests:
             self._step()
 
-    def suspect(self, caller: str, latency_s: float) -> None:
-        """A failure that may be the input's fault: recorded as one only when several
-        callers have had them lately; otherwise not recorded at all."""
-        if self._spread.failed(caller):
-            self.record(True, latency_s)
-
     # decisions --------------------------------------------------------------------------
-
-    def _failing(self) -> str | None:
-        n = len(self._window)
-        if n < self._min_sample:
-            return None
-        if self._errors / n > self.policy.max_error_rate:
-            return f"error rate {self._errors / n:.3f} over {self.policy.max_error_rate}"
-        if self._slow > n - math.ceil(0.99 * n):
-            return f"p99 {self.p99_ms():.0f} ms over {self.policy.max_p99_ms:g} ms"
-        return None
 
     def _step(self) -> None:
         following = min((s for s in self.policy.steps if s > self.weight), default=1.0)
-        n = len(self._window)
+        canary, stable = self.canary_arm.window, self.stable_arm.window
         reason = (
-            f"{self._since_step} requests, error rate {self._errors / max(1, n):.3f}, "
-            f"p99 {self.p99_ms():.0f} ms"
+            f"{self._since_step} requests, error rate {canary.error_rate:.3f} "
+            f"(stable {stable.error_rate:.3f}), p99 {canary.quantile(0.99) * 1000:.1f} ms "
+            f"(stable {stable.quantile(0.99) * 1000:.1f} ms)"
         )
         if following >= 1.0:
             self._promote("promote", reason)
@@ -193,12 +227,8 @@ class Canary:
         version = self.version if version is None else version
         if version == self.stable:
             raise ValueError(f"version {version} is the default version already; name another")
-        if version != self.version:
-            self.close()
-            self.version = version
-            self._salt = f"{self.model}/{version}"
-        self._window.clear()
-        self._errors = self._slow = self._since_step = 0
+        self._retarget(version)
+        self._fresh()
         if weight >= 1.0:
             self._promote("manual", "promoted by hand")
             return
@@ -206,8 +236,49 @@ class Canary:
         self.status = CanaryStatus.ACTIVE if weight > 0 else CanaryStatus.PAUSED
         self._decide("manual", "set by hand")
 
+    def adopt(self, record: RolloutRecord) -> None:
+        """Take a stored decision as this rollout's own: at start-up, or one another
+        replica made. Nothing is recorded or counted again."""
+        self._retarget(record.canary)
+        self._fresh()
+        self.generation = record.generation
+        status = CanaryStatus(record.status)
+        self.last = Decision(
+            record.decision, record.weight, record.reason, self.clock(), record.at, here=False
+        )
+        if status is CanaryStatus.PROMOTED:
+            self.weight, self.status, self.stable = 1.0, status, self.version
+            self.on_promote(self.version)
+        else:
+            self.weight, self.status = record.weight, status
+        self._gauge(self.weight)
+        log.info(
+            "canary decision taken from the stored record",
+            extra={
+                "model": self.model,
+                "version": self.version,
+                "decision": record.decision,
+                "weight": self.weight,
+                "generation": record.generation,
+            },
+        )
+
+    def _retarget(self, version: int) -> None:
+        """Roll out `version` instead, next to the stable version of now."""
+        if version != self.version:
+            self.close()
+            self.version = self.canary_arm.version = version
+            self.rolled_from = self.stable_arm.version = self.stable
+            self._salt = f"{self.model}/{version}"
+            self._callers.clear()
+
+    def _fresh(self) -> None:
+        self.canary_arm.clear()
+        self.stable_arm.clear()
+        self._since_step = 0
+
     def _decide(self, decision: str, reason: str) -> None:
-        self.last = Decision(decision, self.weight, reason, self.clock())
+        self.last = Decision(decision, self.weight, reason, self.clock(), now_iso())
         self._gauge(self.weight)
         self.metrics.canary_decisions.labels(self.model, decision).inc()
         level = logging.WARNING if decision == "rollback" else logging.INFO
@@ -222,27 +293,21 @@ class Canary:
                 "reason": reason,
             },
         )
+        self.on_decision(self)
 
     # state ------------------------------------------------------------------------------
-
-    def _forget(self, outcome: _Outcome) -> None:
-        self._errors -= outcome.failed
-        self._slow -= outcome.slow
 
     def _gauge(self, weight: float) -> None:
         self.metrics.canary_weight.labels(self.model, str(self.version)).set(weight)
 
     def p99_ms(self) -> float:
-        """The window's p99 latency (nearest rank), in ms; 0 when it is empty."""
-        if not self._window:
-            return 0.0
-        ordered = sorted(o.latency_s for o in self._window)
-        return ordered[math.ceil(0.99 * len(ordered)) - 1] * 1000
+        """The canary window's p99 latency (nearest rank), in ms; 0 when it is empty."""
+        return self.canary_arm.window.quantile(0.99) * 1000
 
     def state(self) -> dict[str, Any]:
         """What the admin endpoint shows."""
-        n = len(self._window)
         last = self.last
+        canary, stable = self.canary_arm.window, self.stable_arm.window
         return {
             "model": self.model,
             "version": self.version,
@@ -250,24 +315,24 @@ class Canary:
             "status": self.status.value,
             "weight": self.weight,
             "steps": list(self.policy.steps),
-            "window": {
-                "requests": n,
-                "errors": self._errors,
-                "error_rate": round(self._errors / n, 6) if n else None,
-                "p99_ms": round(self.p99_ms(), 3) if n else None,
-                "since_step": self._since_step,
-            },
+            "window": {**canary.summary(), "since_step": self._since_step},
+            "stable_window": stable.summary(),
+            "requests": {"canary": canary.total, "stable": stable.total},
             "gates": {
                 "max_error_rate": self.policy.max_error_rate,
+                "max_p99_ratio": self.policy.max_p99_ratio,
                 "max_p99_ms": self.policy.max_p99_ms,
                 "min_requests": self.policy.min_requests,
             },
+            "generation": self.generation,
             "last_decision": None
             if last is None
             else {
                 "decision": last.decision,
                 "weight": last.weight,
                 "reason": last.reason,
+                "at": last.when,
+                "made_here": last.here,
                 "seconds_ago": round(self.clock() - last.at, 3),
             },
         }
@@ -275,32 +340,3 @@ class Canary:
     def close(self) -> None:
         """Drop this rollout's weight series (the model was unloaded or reconfigured)."""
         self.metrics.forget_canary(self.model, str(self.version))
-
-
-def rollout(
-    folder: ModelFolder,
-    previous: Canary | None,
-    served: Mapping[int, str],
-    make: Callable[[int, CanaryConfig], Canary],
-) -> Canary | None:
-    """The canary a folder's `[canary]` section asks for, next to its stable version (the
-    configured default; with "latest", the latest other version). The running one,
-    `previous`, is kept when its policy and both versions' files (`served`: version ->
-    SHA-256 being served now) are unchanged; otherwise `make(stable, policy)` starts one."""
-    policy = folder.config.canary
-    if policy is None:
-        return None
-    others = [n for n in folder.versions if n != policy.version]
-    if policy.version not in folder.versions or not others:
-        log.warning(
-            "canary version is not served: no canary",
-            extra={"model": folder.name, "version": policy.version},
-        )
-        return None
-    latest = folder.config.default_version == "latest"
-    stable = max(others) if latest else folder.default_version
-    if previous is not None and previous.policy == policy and previous.version == policy.version:
-        versions = (stable, policy.version)
-        if all(served.get(n) == folder.versions[n].sha256 for n in versions):
-            return previous
-    return make(stable, policy)

@@ -72,12 +72,16 @@ class ValidationConfig(_Strict):
 
 class CanaryConfig(_Strict):
     """A canary rollout: `version` takes `weight` of the requests that name no version,
-    stepping up through `steps` while its error rate and p99 hold; rolled back when not."""
+    stepping up through `steps` while it is not measurably worse than the stable version
+    (`serving.canary_gates`); rolled back when it is."""
 
     version: int = Field(ge=0)
     weight: float = Field(0.1, ge=0, le=1)
-    max_error_rate: float = Field(0.01, ge=0, le=1)
-    max_p99_ms: float = Field(500.0, gt=0)
+    max_error_rate: float = Field(
+        0.01, ge=0, le=1, description="how far the error rate may exceed the stable version's"
+    )
+    max_p99_ratio: float = Field(1.5, ge=1, description="p99 over the stable version's p99")
+    max_p99_ms: float = Field(500.0, gt=0, description="p99 ceiling, whatever the stable does")
     min_requests: int = Field(200, ge=1)
     steps: tuple[float, ...] = (0.1, 0.5, 1.0)
     window_s: float = Field(300.0, gt=0, description="outcomes older than this are forgotten")

@@ -1,33 +1,38 @@
 """`ModelRegistry`: the models being served now, each version with its own batcher.
 
-The repository reads folders from disk; the registry owns what is live: it starts each
-version's batcher, resolves a request's model and version (splitting requests that name
-no version between the stable version and a canary), and stops them on unload. A reload
-through the admin API holds new or changed versions to the accuracy gate first
-(`serving.validation`); each model with a `reference.npz` gets a drift monitor.
+The repository reads folders from disk and `admission` holds their versions to the gate;
+the registry owns what is live: it starts each admitted version's batcher, resolves a
+request's model and version (splitting requests that name no version between the stable
+version and a canary), and stops them on unload. A reload keeps the versions that did not
+change (their batcher, breaker and cache) and stops the others. Each model's rollout
+decisions are recorded (`rollout_state`) and taken back at start-up and on reload; with a
+store the replicas share, decisions other replicas made are followed every few seconds.
+Each model with a `reference.npz` gets a drift monitor.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 from torchgate import memory
 from torchgate.config import Settings
 from torchgate.errors import ModelNotFound
 from torchgate.metrics import Metrics
+from torchgate.serving.admission import Admission, AdmissionRefused, admit
 from torchgate.serving.batching import Batcher, BatcherOptions
 from torchgate.serving.breaker import BreakerState, CircuitBreaker
 from torchgate.serving.cache import InferenceCache, VersionCache
-from torchgate.serving.canary import Canary, rollout
+from torchgate.serving.canary import Arm, Canary
 from torchgate.serving.drift import DriftMonitor, Reference
 from torchgate.serving.model import LoadedModel
-from torchgate.serving.model_config import MODEL_NAME, CanaryConfig, ModelConfig
-from torchgate.serving.repository import ModelFolder, ModelRepository
+from torchgate.serving.model_config import MODEL_NAME, ModelConfig
+from torchgate.serving.repository import ModelRepository
+from torchgate.serving.rollout_state import RolloutRecord, RolloutState
+from torchgate.serving.rollouts import Rollouts
 from torchgate.serving.runner import Runner
-from torchgate.serving.validation import screen
 
 log = logging.getLogger("torchgate.registry")
 
@@ -67,6 +72,8 @@ class ServedModel:
     default_version: int  # the stable version while a canary rolls out
     canary: Canary | None = None
     drift: DriftMonitor | None = None
+    refused: dict[int, str] = field(default_factory=dict)  # version -> why it is not served
+    notes: list[str] = field(default_factory=list)  # what the last load had to say
 
 
 class ModelRegistry:
@@ -78,12 +85,14 @@ class ModelRegistry:
         settings: Settings,
         metrics: Metrics,
         cache: InferenceCache,
+        state: RolloutState,
     ) -> None:
         self.repository = repository
         self.settings = settings
         self.metrics = metrics
         self.cache = cache
         self._models: dict[str, ServedModel] = {}
+        self.rollouts = Rollouts(state, metrics, self._models.get, self.names)
         # one load or unload of a model at a time: two concurrent loads would each replace
         # what the other had started, and the superseded versions would never be stopped
         self._locks: dict[str, asyncio.Lock] = {}
@@ -117,9 +126,10 @@ class ModelRegistry:
 
     def route(
         self, name: str, version: str | None, identity: str
-    ) -> tuple[ServedVersion, Canary | None]:
+    ) -> tuple[ServedVersion, Arm | None]:
         """`resolve`, but a request without a version may go to the model's canary (by the
-        caller's `identity`); the canary comes back when it did, to record the outcome."""
+        caller's `identity`); while a rollout runs, the side it went to comes back, to
+        record the outcome on."""
         if version:
             return self.resolve(name, version), None
         served = self.get(name)
@@ -130,7 +140,7 @@ class ModelRegistry:
         chosen = served.versions.get(number)
         if chosen is None:
             return served.versions[served.default_version], None
-        return chosen, canary if number == canary.version else None
+        return chosen, canary.arm(number)
 
     def default_model(self) -> str:
         if self.settings.default_model:
@@ -154,26 +164,40 @@ class ModelRegistry:
 
     # loading -----------------------------------------------------------------------------
 
-    def add(self, folder: ModelFolder, reference: Reference | None = None) -> ServedModel:
-        """Serve a loaded folder: start a batcher per version (inside the running loop).
+    def start(self) -> None:
+        """Follow the decisions other replicas store (when the store is shared)."""
+        self.rollouts.start()
 
-        `reference` is the folder's drift reference when already read (otherwise it is
-        read here); a running canary or drift window of the model is kept when unchanged."""
-        old = self._models.get(folder.name)
+    def install(self, admission: Admission, reference: Reference | None = None) -> ServedModel:
+        """Serve what came through the gate (inside the running loop): versions that were
+        served already keep their batcher, breaker and cache; new ones get their own.
+
+        `reference` is the model's drift reference when already read (otherwise it is read
+        here); a running canary or drift window of the model is kept when unchanged."""
+        name = admission.name
+        old = self._models.get(name)
         if reference is None:
-            reference = Reference.read(self.repository.root / folder.name)
-        versions = {n: self._serve(m) for n, m in sorted(folder.versions.items())}
-        served = ServedModel(folder.name, folder.config, versions, folder.default_version)
-        start = functools.partial(self._canary, folder.name)
-        if old is None:
-            served.canary = rollout(folder, None, {}, start)
-            served.drift = DriftMonitor.serving(folder, reference, None, self.metrics)
-        else:
-            shas = {n: v.model.sha256 for n, v in old.versions.items()}
-            served.canary = rollout(folder, old.canary, shas, start)
-            served.drift = DriftMonitor.serving(folder, reference, old.drift, self.metrics)
-        if served.canary is not None:
-            served.default_version = served.canary.stable
+            reference = Reference.read(self.repository.root / name)
+        versions: dict[int, ServedVersion] = {}
+        for number, model in sorted(admission.folder.versions.items()):
+            before = None if old is None else old.versions.get(number)
+            if before is not None and before.model is model:
+                versions[number] = before  # unchanged: its batcher, breaker and cache stay
+            else:
+                versions[number] = self._serve(model)
+        served = ServedModel(
+            name,
+            admission.folder.config,
+            versions,
+            admission.default,
+            refused=dict(admission.refused),
+            notes=list(admission.notes),
+        )
+        served.canary = self.rollouts.canary_for(served, admission, old)
+        previous_drift = None if old is None else old.drift
+        served.drift = DriftMonitor.serving(
+            admission.folder, reference, previous_drift, self.metrics
+        )
         for version in versions.values():
             version.drift = served.drift
         if old is not None:
@@ -181,7 +205,7 @@ class ModelRegistry:
                 old.canary.close()
             if old.drift is not None and old.drift is not served.drift:
                 old.drift.close()
-        self._models[folder.name] = served
+        self._models[name] = served
         self.metrics.models_loaded.set(len(self.versions()))
         return served
 
@@ -192,26 +216,46 @@ class ModelRegistry:
         return lock
 
     async def load(self, name: str) -> ServedModel:
-        """(Re)load a model from the repository without blocking the loop.
-
-        New versions and versions whose file changed must pass the accuracy gate when the
-        model has a validation.npz: one that fails is not served; when none is left (or
-        the configured default failed) the load fails and what is served stays. Loads and
-        unloads of one model run one at a time."""
+        """(Re)load a model from the repository through the gate (`admission`), without
+        blocking the loop: unchanged versions stay as they are, new and changed ones are
+        judged, and those that fail are not served (`refused`). When nothing can serve the
+        load fails (`AdmissionRefused`) and what is served stays. Loads and unloads of one
+        model run one at a time."""
         async with self._lock(name):
             return await self._load(name)
 
     async def _load(self, name: str) -> ServedModel:
         old = self._models.get(name)
+        record = await self.rollouts.recall(name)
         current = {} if old is None else {n: v.model for n, v in old.versions.items()}
-        default = None if old is None else current[old.default_version]
-        folder, reference = await asyncio.to_thread(self._read, name, current, default)
-        served = self.add(folder, reference)
+        serving = None if old is None else current[old.default_version]
+        try:
+            admission, reference = await asyncio.to_thread(
+                self._admit, name, record, current, serving
+            )
+        except AdmissionRefused as exc:
+            if old is not None:
+                old.refused = {n: r for n, r in exc.refused.items() if n not in old.versions}
+            raise
+        served = self.install(admission, reference)
         if old is not None:
-            await self._stop(old, keep=set(served.versions))
-            del old, current, default  # the replaced versions' last references
+            still = {id(v) for v in served.versions.values()}
+            await self._stop(name, [v for v in old.versions.values() if id(v) not in still])
+            del old, current, serving  # the replaced versions' last references
             memory.release()
+        self.rollouts.follow(name, record)
         return served
+
+    def _admit(
+        self,
+        name: str,
+        record: RolloutRecord | None,
+        current: dict[int, LoadedModel],
+        serving: LoadedModel | None,
+    ) -> tuple[Admission, Reference | None]:
+        """Runs in a thread: the gate, then the model's drift reference."""
+        admission = admit(self.repository, name, record=record, current=current, serving=serving)
+        return admission, Reference.read(self.repository.root / name)
 
     async def unload(self, name: str) -> None:
         async with self._lock(name):
@@ -225,50 +269,23 @@ class ModelRegistry:
             served.canary.close()
         if served.drift is not None:
             served.drift.close()
-        await self._stop(served)
+        await self._stop(name, list(served.versions.values()))
         del served
         memory.release()
-
-    def set_canary(self, name: str, weight: float, version: int | None = None) -> Canary:
-        """An operator sets a model's canary weight (and version); starts one if none."""
-        served = self.get(name)
-        number = version if version is not None else getattr(served.canary, "version", None)
-        if number is None:
-            raise ValueError(f"model {name} has no canary: name a version")
-        if number not in served.versions:
-            raise ModelNotFound(f"model {name} has no version {number}")
-        if number == served.default_version:
-            raise ValueError(f"version {number} is the default version already; name another")
-        if served.canary is None:
-            policy = served.config.canary or CanaryConfig(version=number, weight=0)
-            served.canary = self._canary(name, served.default_version, policy)
-        served.canary.set(weight, number)
-        return served.canary
-
-    def _read(
-        self, name: str, served: dict[int, LoadedModel], default: LoadedModel | None
-    ) -> tuple[ModelFolder, Reference | None]:
-        """Runs in a thread: load the folder, hold it to the gate, read its drift reference."""
-        folder = self.repository.load(name)
-        screen(folder, self.repository.root / name, served, default)
-        return folder, Reference.read(self.repository.root / name)
-
-    def _canary(self, name: str, stable: int, policy: CanaryConfig) -> Canary:
-        def promoted(version: int) -> None:
-            served = self._models.get(name)
-            if served is not None and version in served.versions:
-                served.default_version = version
-
-        return Canary(name, stable, policy, metrics=self.metrics, on_promote=promoted)
 
     async def drain(self, timeout_s: float) -> bool:
         results = await asyncio.gather(*(v.batcher.drain(timeout_s) for v in self.versions()))
         return all(results)
 
+    def set_canary(self, name: str, weight: float, version: int | None = None) -> Canary:
+        """An operator sets a model's canary weight (and version); starts one if none."""
+        return self.rollouts.set(self.get(name), weight, version)
+
     async def aclose(self) -> None:
         for served in list(self._models.values()):
-            await self._stop(served, keep=set(served.versions))
+            await self._stop(served.name, list(served.versions.values()), forget=False)
         self._models.clear()
+        await self.rollouts.aclose()
 
     def _serve(self, model: LoadedModel) -> ServedVersion:
         batching = model.config.batching
@@ -310,17 +327,20 @@ class ModelRegistry:
         )
 
     async def _stop(
-        self, served: ServedModel, *, keep: set[int] | frozenset[int] = frozenset()
+        self, name: str, versions: Iterable[ServedVersion], *, forget: bool = True
     ) -> None:
-        """Let queued requests finish, stop the batchers, drop metrics of versions not kept."""
-        for version in served.versions.values():
+        """Let queued requests finish, stop the batchers, drop their cache entries and
+        (`forget`) every metric series of theirs."""
+        for version in versions:
             await version.batcher.drain(self.settings.drain_timeout_s)
             await version.batcher.aclose()
             if version.preprocess is not None:
                 version.preprocess.stop()
             self.cache.drop(version.model)
-            if version.version not in keep:
-                self.metrics.forget_version(served.name, str(version.version))
+            now = self._models.get(name)
+            # a version reloaded from a changed file keeps its number, and its series
+            if forget and (now is None or version.version not in now.versions):
+                self.metrics.forget_version(name, str(version.version))
 
 
 def _pad_values(model: LoadedModel) -> tuple[float, ...] | None:

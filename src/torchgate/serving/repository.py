@@ -114,6 +114,15 @@ class ModelRepository:
             raise ModelLoadError(folder, "no version folder with a model.pt (e.g. 1/model.pt)")
         return found
 
+    def digest(self, name: str, version: int) -> str:
+        """The SHA-256 of a version's model.pt as it is on disk now (to tell whether a
+        loaded version's file changed without loading it again)."""
+        path = self._inside(self.folder(name) / str(version) / "model.pt")
+        try:
+            return hashlib.sha256(path.read_bytes()).hexdigest()
+        except OSError as exc:
+            raise ModelLoadError(path, f"cannot read ({exc.strerror})") from None
+
     def processors(self, name: str, config: ModelConfig) -> Processors:
         """The model's pre- and postprocessor, built from its config (and tokenizer file)."""
         try:
@@ -137,12 +146,6 @@ class ModelRepository:
                 f"default_version {config.default_version} has no folder",
             )
         return folder
-
-    def load_all(self) -> dict[str, ModelFolder]:
-        names = self.names()
-        if not names:
-            raise ModelLoadError(self.root, "no model folders (each needs a model.toml)")
-        return {name: self.load(name) for name in names}
 
     def load_version(
         self,

@@ -2,8 +2,9 @@
 
 A decoded request goes: model router (version) -> inference cache -> circuit breaker ->
 batcher; the outputs come back with where the time went, ready for a codec to encode.
-Once it is answered, a canary's outcome is recorded and the rows go to the drift window
-(both O(1) appends: the deciding and scoring happen elsewhere).
+Once it is answered, the outcome is recorded on its side of a running rollout (canary
+or stable) and the rows go to the drift window (cheap appends: the deciding and scoring
+happen elsewhere).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from torchgate.metrics import Metrics
 from torchgate.processors.text import TextProcessor
 from torchgate.serving.batching import BatchResult
 from torchgate.serving.cache import CachePolicy
-from torchgate.serving.canary import Canary
+from torchgate.serving.canary import Arm
 from torchgate.serving.registry import ModelRegistry, ServedVersion
 from torchgate.serving.scores import top_classes
 
@@ -70,7 +71,7 @@ class InferenceService:
         *,
         disconnected: Callable[[], Awaitable[None]] | None = None,
         cache_policy: CachePolicy = CachePolicy.USE,
-        canary: Canary | None = None,
+        canary: Arm | None = None,
         caller: str = "",
         tenant: str = "",
         material: list[bytes] | None = None,
@@ -78,7 +79,7 @@ class InferenceService:
         """Cache, then breaker, then batcher, for the rows the cache does not have.
         `disconnected` returns once the client has gone (a request that may wait long is
         dropped then); `cache_policy` is what the client's Cache-Control allows;
-        `canary`: the rollout that routed this request to its version, to record with;
+        `canary`: the side of a rollout that routed this request to its version;
         `caller`: who sent it (a key's name or an address), for failures that may be the
         input's fault; `tenant`: the cache's namespace ("" for the one every caller shares);
         `material`: what a preprocessor made each row from, which keys its cache entry."""
@@ -195,10 +196,11 @@ async def _joined(futures: list[asyncio.Future[BatchResult]]) -> BatchResult:
     )
 
 
-async def _watched(canary: Canary, work: Awaitable[T], caller: str) -> T:
-    """Await `work`, recording its outcome with the canary: a failure is a server-side one
-    of the model path (the model raised, the deadline passed, the circuit is open); one
-    that may be the input's fault counts only as the breaker's do (`Canary.suspect`)."""
+async def _watched(canary: Arm, work: Awaitable[T], caller: str) -> T:
+    """Await `work`, recording its outcome on its side of the rollout: a failure is a
+    server-side one of the model path (the model raised, the deadline passed, the circuit
+    is open); one that may be the input's fault counts only as the breaker's do
+    (`Arm.suspect`)."""
     started = time.perf_counter()
     try:
         result = await work

@@ -4,31 +4,25 @@ enough before it is served.
 `validation.npz` beside `model.toml` holds `x` (rows shaped like the model's one input;
 for several inputs, one array per input name) and `y` (the true class of each row). A
 version passes when its accuracy is at least `min_accuracy` and no more than `max_drop`
-below the accuracy of the baseline (the version serving by default now). An embedding
-model's set holds `texts` and their expected `embeddings` instead: a version passes when
-the cosine of every text's embedding to the expected one is at least `min_cosine`. `gate` is the
-one check both `torchgate validate` (in CI) and an admin load through the API (`screen`,
-which drops the versions that fail) run; it is CPU work, so the server calls it in a
-thread, never on the event loop. Start-up does not run it: that is CI's job.
+below the accuracy of its baseline (the version serving by default without it). An
+embedding model's set holds `texts` and their expected `embeddings` instead: a version
+passes when the cosine of every text's embedding to the expected one is at least
+`min_cosine`. `evaluate` and `judge` are what both `torchgate validate` (in CI, through
+`gate`) and the server (`serving.admission`: at start-up and on every load) run; it is
+CPU work, so the server calls it in a thread, never on the event loop.
 """
 
 from __future__ import annotations
 
-import logging
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from torchgate.errors import ModelLoadError
 from torchgate.serving.datatypes import NUMPY
 from torchgate.serving.model import LoadedModel
 from torchgate.serving.model_config import ModelConfig, ValidationConfig
-from torchgate.serving.repository import ModelFolder
-
-log = logging.getLogger("torchgate.validation")
 
 FILE = "validation.npz"
 
@@ -205,88 +199,60 @@ def gate(
     try:
         result.evaluation = evaluate(candidate, data)
     except Exception as exc:  # a broken version: whatever its forward raises
-        result.problems.append(f"forward failed on the validation rows ({_first_line(exc)})")
+        result.problems.append(forward_failed(exc))
         return result
-    if result.evaluation.cosine is not None:  # embeddings: each against its expected vector
-        if result.evaluation.cosine < bounds.min_cosine:
-            result.problems.append(
-                f"cosine {result.evaluation.cosine:.6f} to an expected embedding is under "
-                f"{bounds.min_cosine}"
-            )
-        return result
-    accuracy = result.evaluation.accuracy
-    if accuracy < bounds.min_accuracy:
-        result.problems.append(f"accuracy {accuracy:.4f} is under {bounds.min_accuracy}")
-    if baseline is not None:
+    if baseline is not None and result.evaluation.cosine is None:
         try:
             result.baseline = evaluate(baseline, data)
         except Exception as exc:
             result.problems.append(
                 f"baseline version {baseline.version} failed ({_first_line(exc)})"
             )
-            return result
-        drop = result.baseline.accuracy - accuracy
-        if drop > bounds.max_drop + 1e-12:
-            result.problems.append(
-                f"accuracy {accuracy:.4f} is {drop:.4f} below version {baseline.version}'s "
-                f"{result.baseline.accuracy:.4f} (max drop {bounds.max_drop})"
-            )
+    result.problems += judge(result.evaluation, bounds, result.baseline)
     return result
+
+
+def judge(
+    evaluation: Evaluation, bounds: ValidationConfig, baseline: Evaluation | None = None
+) -> list[str]:
+    """Why an evaluated version fails `bounds` (nothing when it passes): its accuracy (or
+    an embedding's cosine) under the floor, or its drop below `baseline`'s accuracy."""
+    if evaluation.cosine is not None:  # embeddings: each against its expected vector
+        if evaluation.cosine < bounds.min_cosine:
+            return [
+                f"cosine {evaluation.cosine:.6f} to an expected embedding is under "
+                f"{bounds.min_cosine}"
+            ]
+        return []
+    problems = []
+    accuracy = evaluation.accuracy
+    if accuracy < bounds.min_accuracy:
+        problems.append(f"accuracy {accuracy:.4f} is under {bounds.min_accuracy}")
+    if baseline is not None:
+        drop = baseline.accuracy - accuracy
+        if drop > bounds.max_drop + 1e-12:
+            problems.append(
+                f"accuracy {accuracy:.4f} is {drop:.4f} below version {baseline.version}'s "
+                f"{baseline.accuracy:.4f} (max drop {bounds.max_drop})"
+            )
+    return problems
+
+
+def forward_failed(exc: BaseException) -> str:
+    return f"forward failed on the validation rows ({_first_line(exc)})"
 
 
 def baseline_version(config: ModelConfig, versions: list[int], candidate: int) -> int | None:
     """The version `candidate` is compared against: the default one by `model.toml`; with
-    "latest", the latest other than the candidate (what served before it was added).
-    None when the candidate is the configured default itself or is alone."""
+    "latest", the latest other than the candidate that is not the `[canary]` version (what
+    serves by default without it). None when the candidate is the configured default
+    itself or is alone."""
     if config.default_version != "latest":
         default = config.default_version
         return default if default != candidate and default in versions else None
-    others = [v for v in versions if v != candidate]
+    canary = config.canary.version if config.canary is not None else None
+    others = [v for v in versions if v != candidate and v != canary]
     return max(others) if others else None
-
-
-def screen(
-    folder: ModelFolder,
-    directory: Path,
-    served: Mapping[int, LoadedModel],
-    default: LoadedModel | None,
-) -> None:
-    """Hold a freshly loaded folder to the gate before it is served (CPU work: in a thread).
-
-    Only versions that are new or whose file changed against `served` (what is served now)
-    are checked, against `default` (the version serving by default now; when nothing is,
-    the folder's own default). A version that fails is dropped from `folder` with a
-    warning; a `ModelLoadError` says why when none is left or the pinned default failed.
-    Without a `validation.npz` in `directory` nothing is checked."""
-    try:
-        data = ValidationSet.read(directory, folder.config)
-    except ValidationError as exc:
-        raise ModelLoadError(directory / FILE, str(exc)) from None
-    if data is None:
-        return
-    failed: list[GateResult] = []
-    for number, model in sorted(folder.versions.items()):
-        if number in served and served[number].sha256 == model.sha256:
-            continue
-        baseline = default
-        if baseline is None:
-            against = baseline_version(folder.config, list(folder.versions), number)
-            baseline = None if against is None else folder.versions[against]
-        result = gate(model, data, folder.config.validation, baseline)
-        fields: dict[str, object] = {"model": folder.name, "version": number}
-        if result.evaluation is not None:
-            fields["accuracy"] = round(result.evaluation.accuracy, 4)
-        if result.passed:
-            log.info("version passed the accuracy gate", extra=fields)
-        else:
-            log.warning(f"{result.summary}: not serving it", extra=fields)
-            failed.append(result)
-    for result in failed:
-        del folder.versions[result.version]
-    pinned = folder.config.default_version
-    if failed and (not folder.versions or pinned not in (*folder.versions, "latest")):
-        worst = next((r for r in failed if r.version == pinned), failed[0])
-        raise ModelLoadError(directory / str(worst.version), worst.summary)
 
 
 def _first_line(exc: BaseException) -> str:
