@@ -17,8 +17,8 @@ from starlette.middleware import Middleware
 from starlette.types import ASGIApp
 
 from torchgate import __version__, memory
-from torchgate.api import admin, dashboard, errors, health, openai, v1, v2, v2_repository
-from torchgate.api.routes import Policy, RouteTable, route
+from torchgate.api import admin, dashboard, health, openai, v1, v2, v2_repository
+from torchgate.api.routes import RouteTable
 from torchgate.api.textguard import TextPolicy
 from torchgate.config import Settings
 from torchgate.dashboard import Sampler
@@ -152,10 +152,6 @@ def create_app(settings: Settings, *, models: dict[str, Admission] | None = None
     app.state.text_policy = TextPolicy(
         max_length=settings.max_text_length, deny_phrases=settings.deny_list()
     )
-    errors.install(app)
-    app.include_router(dashboard.router)
-    app.include_router(v2_repository.router)
-    app.include_router(admin.router)
     routes = RouteTable(ROUTES)
     app.routes_table = routes
     # Outermost first: request context (and the route match), metrics, auth, rate limit,
@@ -180,29 +176,24 @@ def create_app(settings: Settings, *, models: dict[str, Admission] | None = None
     return app
 
 
-# Every route torchgate answers, each with its policy (api/routes.py). The handlers of the
-# last ones are still FastAPI endpoints (None here): the table holds their policies.
+# Every route torchgate answers, each with its policy (api/routes.py)
 ROUTES = [
     *health.ROUTES,
     *v1.ROUTES,
     *v2.ROUTES,
     *openai.ROUTES,
-    route("/dashboard", "GET", Policy.OBSERVABILITY, None),
-    route("/dashboard/data", "GET", Policy.OBSERVABILITY, None),
-    route("/v2/repository/index", "POST", Policy.ADMIN, None),
-    route("/v2/repository/models/{name}/load", "POST", Policy.ADMIN, None),
-    route("/v2/repository/models/{name}/unload", "POST", Policy.ADMIN, None),
-    route("/admin/models/{name}/canary", "GET,POST", Policy.ADMIN, None),
-    route("/admin/models/{name}/drift", "GET", Policy.ADMIN, None),
+    *dashboard.ROUTES,
+    *v2_repository.ROUTES,
+    *admin.ROUTES,
 ]
 
 
 class TorchgateApp(FastAPI):
-    """FastAPI as torchgate's shell (lifespan, `app.state`, the endpoints not yet moved to
-    plain handlers), with torchgate's edge outside everything: every HTTP request passes
-    the edge (`edge`) and the dispatcher, which calls the matched route's handler; only
-    routes whose handler is FastAPI's go on into FastAPI's own error and routing layers.
-    `RequestContextMiddleware` answers an exception that escapes with a JSON 500.
+    """FastAPI as torchgate's shell (the lifespan, `app.state`, `add_middleware`), with
+    torchgate's edge in front: every HTTP request passes the edge (`edge`) and the
+    dispatcher, which calls the matched route's handler from the route table; FastAPI's
+    own router sees only the lifespan. `RequestContextMiddleware` answers an exception
+    that escapes with a JSON 500.
     Middleware added with `app.add_middleware()` goes outside the edge: it sees every
     request, the inference routes included."""
 

@@ -17,15 +17,16 @@ from typing import Any
 
 import orjson
 import pydantic
-from fastapi import APIRouter, Request
+from starlette.requests import Request
 from starlette.responses import Response
 
 from torchgate import problems
+from torchgate.api.body import read_body
 from torchgate.api.codec import parse_json
-from torchgate.api.deps import Registry, read_body
+from torchgate.api.routes import Policy, admin_only, route
+from torchgate.edge.context import context
 from torchgate.errors import BadRequest, ModelNotFound
-
-router = APIRouter(tags=["admin"])
+from torchgate.serving.registry import ModelRegistry
 
 TOP_FEATURES = 5
 
@@ -39,20 +40,28 @@ class CanaryUpdate(pydantic.BaseModel):
     version: int | None = pydantic.Field(None, ge=0)
 
 
+def _target(request: Request) -> tuple[str, ModelRegistry]:
+    return context(request).params["name"], request.app.state.registry
+
+
 def _json(body: object) -> Response:
     return Response(orjson.dumps(body), media_type="application/json")
 
 
-@router.get("/admin/models/{name}/canary", summary="A model's canary rollout")
-async def canary_state(name: str, registry: Registry) -> Response:
+@admin_only
+async def canary_state(request: Request) -> Response:
+    """`GET /admin/models/{name}/canary`: the rollout's state."""
+    name, registry = _target(request)
     served = registry.get(name)
     if served.canary is None:
         return _json({"model": name, "status": "none", "stable_version": served.default_version})
     return _json(served.canary.state())
 
 
-@router.post("/admin/models/{name}/canary", summary="Set a model's canary weight by hand")
-async def set_canary(name: str, request: Request, registry: Registry) -> Response:
+@admin_only
+async def set_canary(request: Request) -> Response:
+    """`POST /admin/models/{name}/canary`: set the weight (and version) by hand."""
+    name, registry = _target(request)
     registry.get(name)
     try:
         update = CanaryUpdate.model_validate(parse_json(await read_body(request)))
@@ -67,8 +76,10 @@ async def set_canary(name: str, request: Request, registry: Registry) -> Respons
     return _json(canary.state())
 
 
-@router.get("/admin/models/{name}/drift", summary="A model's input drift score")
-async def drift(name: str, registry: Registry) -> Response:
+@admin_only
+async def drift(request: Request) -> Response:
+    """`GET /admin/models/{name}/drift`: the drift score now."""
+    name, registry = _target(request)
     monitor = registry.get(name).drift
     if monitor is None:
         raise ModelNotFound(f"model {name} has no drift monitor (no reference.npz beside it)")
@@ -83,3 +94,10 @@ async def drift(name: str, registry: Registry) -> Response:
         ]
         body["predicted"] = {str(k): round(v, 6) for k, v in report.predicted.items()}
     return _json(body)
+
+
+ROUTES = [
+    route("/admin/models/{name}/canary", "GET", Policy.ADMIN, canary_state),
+    route("/admin/models/{name}/canary", "POST", Policy.ADMIN, set_canary),
+    route("/admin/models/{name}/drift", "GET", Policy.ADMIN, drift),
+]

@@ -11,18 +11,18 @@ from __future__ import annotations
 import base64
 import functools
 import hashlib
+import math
 import re
 from dataclasses import dataclass
 from importlib import resources
-from typing import Annotated
 
 import orjson
-from fastapi import APIRouter, Query, Request
+from starlette.requests import Request
 from starlette.responses import Response
 
+from torchgate.api.routes import Policy, route
 from torchgate.dashboard import Sampler
-
-router = APIRouter(tags=["observability"])
+from torchgate.errors import BadRequest
 
 _SCRIPT_TAG = '<script src="dashboard.js"></script>'
 _STYLE = re.compile(r"<style>(.*?)</style>", re.DOTALL)
@@ -57,8 +57,8 @@ def page() -> Page:
     return Page(html.encode(), csp)
 
 
-@router.get("/dashboard", summary="Live dashboard of this server (HTML)")
-async def dashboard() -> Response:
+async def dashboard(request: Request) -> Response:
+    """`GET /dashboard`: the live dashboard of this server (HTML)."""
     current = page()
     return Response(
         current.body,
@@ -72,13 +72,19 @@ async def dashboard() -> Response:
     )
 
 
-@router.get("/dashboard/data", summary="The dashboard's recent per-second samples (JSON)")
-async def dashboard_data(
-    request: Request,
-    boot: Annotated[str | None, Query(max_length=64)] = None,
-    since: Annotated[float | None, Query()] = None,
-) -> Response:
-    """All samples, or with the `boot` of the last answer, only those after `since`."""
+async def dashboard_data(request: Request) -> Response:
+    """`GET /dashboard/data`: the recent per-second samples, all of them, or with the
+    `boot` of the last answer only those after `since`."""
+    boot = request.query_params.get("boot")
+    raw_since = request.query_params.get("since")
+    if boot is not None and len(boot) > 64:
+        raise BadRequest("boot: at most 64 characters")
+    try:
+        since = None if raw_since is None else float(raw_since)
+    except ValueError:
+        raise BadRequest("since: must be a number of seconds") from None
+    if since is not None and not math.isfinite(since):
+        raise BadRequest("since: must be a number of seconds")
     sampler: Sampler | None = getattr(request.app.state, "sampler", None)
     if sampler is None:
         body: dict[str, object] = {"boot": None, "samples": [], "now": None}
@@ -96,3 +102,9 @@ async def dashboard_data(
         media_type="application/json",
         headers={"Cache-Control": "no-store"},
     )
+
+
+ROUTES = [
+    route("/dashboard", "GET", Policy.OBSERVABILITY, dashboard),
+    route("/dashboard/data", "GET", Policy.OBSERVABILITY, dashboard_data),
+]

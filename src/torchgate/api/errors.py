@@ -5,13 +5,9 @@ from __future__ import annotations
 import logging
 
 import orjson
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from starlette.exceptions import HTTPException
-from starlette.requests import ClientDisconnect
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
-from torchgate import problems
 from torchgate.errors import TorchgateError
 
 log = logging.getLogger("torchgate.errors")
@@ -23,7 +19,7 @@ def error_response(status: int, message: str, headers: dict[str, str] | None = N
 
 
 def render(request: Request, exc: Exception) -> Response:
-    """The answer to a failure of the request path (the dispatcher's and FastAPI's)."""
+    """The answer to a failure of a handler (the dispatcher renders every one so)."""
     if isinstance(exc, TorchgateError):
         _note(request, exc.message)
         return error_response(exc.status_code, exc.message, exc.headers)
@@ -41,26 +37,3 @@ def _note(request: Request, error: str) -> None:
     ctx = request.scope.get("torchgate")
     if ctx is not None:
         ctx.error = error
-
-
-def install(app: FastAPI) -> None:
-    @app.exception_handler(TorchgateError)
-    async def _known(request: Request, exc: TorchgateError) -> Response:
-        return render(request, exc)
-
-    @app.exception_handler(HTTPException)
-    async def _http(request: Request, exc: HTTPException) -> Response:
-        message = {404: "not found", 405: "method not allowed"}.get(exc.status_code)
-        return error_response(exc.status_code, message or str(exc.detail), exc.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, exc: RequestValidationError) -> Response:
-        return error_response(400, f"invalid request: {problems.describe(exc)}")
-
-    @app.exception_handler(ClientDisconnect)
-    async def _gone(request: Request, exc: ClientDisconnect) -> Response:
-        return render(request, exc)
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> Response:
-        return render(request, exc)

@@ -22,8 +22,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from torchgate.api import inference, prepare
+from torchgate.api.body import read_body
 from torchgate.api.codec import parse_json
-from torchgate.api.deps import read_body
 from torchgate.api.routes import Policy, route
 from torchgate.edge.context import context
 from torchgate.edge.responses import Answer

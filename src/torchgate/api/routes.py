@@ -8,9 +8,9 @@ of its own. A route cannot be declared without a policy, and a route under `/adm
 policy but `ADMIN`. Another method on a known path is a 405 from the same table (with
 `Allow`), an unknown path a 404.
 
-Handlers take the request and answer a response. A route whose handler is None is still
-served by FastAPI's router (its endpoints with dependency injection); the table holds its
-policy all the same, and `check` refuses an app with a FastAPI route the table lacks.
+Handlers take the request and answer a response (anything ASGI can send). FastAPI's
+own router serves nothing: `check` refuses an app with a route added there (it would
+have no policy).
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def admin_only(handler: Handler) -> Handler:
 class Route:
     template: str
     methods: frozenset[str]
-    handler: Handler | None
+    handler: Handler
     policy: Policy
     pattern: re.Pattern[str] | None = field(init=False, compare=False, default=None)
 
@@ -60,13 +60,9 @@ class Route:
         if "{" in self.template:
             object.__setattr__(self, "pattern", _pattern(self.template))
 
-    @property
-    def hot(self) -> bool:
-        """Served by torchgate's own dispatcher (not FastAPI's router)."""
-        return self.handler is not None
 
 
-def route(template: str, methods: str, policy: Policy, handler: Handler | None) -> Route:
+def route(template: str, methods: str, policy: Policy, handler: Handler) -> Route:
     """`route("/v2/models/{name}", "GET", Policy.INFER, metadata)`; methods comma-separated."""
     return Route(template, frozenset(m.strip() for m in methods.split(",")), handler, policy)
 
@@ -133,13 +129,13 @@ class RouteTable:
         return Match(None, {}, frozenset(allowed))
 
     def check(self, app: Any) -> None:
-        """Every route FastAPI's router holds must be in this table, with the same methods:
-        a route without a policy cannot be served."""
-        declared = {(r.template, m) for r in self.routes if not r.hot for m in r.methods}
+        """FastAPI's router must hold no route: one added there would have no policy (and
+        would never be reached: the dispatcher answers every path from this table)."""
         for path, methods in _fastapi_routes(app.router.routes):
-            for method in methods:
-                if method != "HEAD" and (path, method) not in declared:
-                    raise ValueError(f"route {method} {path} has no policy in the route table")
+            for method in sorted(methods - {"HEAD"}):
+                raise ValueError(
+                    f"route {method} {path} has no policy: declare it in the route table"
+                )
 
 
 def _fastapi_routes(routes: Iterable[Any], prefix: str = "") -> Iterable[tuple[str, set[str]]]:

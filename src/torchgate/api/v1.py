@@ -11,8 +11,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from torchgate.api import inference, prepare
+from torchgate.api.body import V1_TYPES, media_type, read_body
 from torchgate.api.codec import check_rows, check_shape, coerce, parse_json
-from torchgate.api.deps import V1_TYPES, media_type, read_body
 from torchgate.api.routes import Policy, route
 from torchgate.edge.context import context
 from torchgate.edge.responses import Answer

@@ -15,8 +15,8 @@ from starlette.responses import Response
 
 from torchgate import __version__
 from torchgate.api import binary, inference, prepare, v2_repository, v2_stats
+from torchgate.api.body import V2_TYPES, read_body
 from torchgate.api.codec import parse_json
-from torchgate.api.deps import V2_TYPES, read_body
 from torchgate.api.health import readiness_problems
 from torchgate.api.routes import Policy, route
 from torchgate.api.v2_codec import InferRequest, decode, encode

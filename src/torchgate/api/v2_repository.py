@@ -17,11 +17,13 @@ import logging
 from typing import Any
 
 import orjson
-from fastapi import APIRouter, Request
+from starlette.requests import Request
 from starlette.responses import Response
 
+from torchgate.api.body import V2_TYPES, read_body
 from torchgate.api.codec import parse_json
-from torchgate.api.deps import V2_TYPES, Registry, read_body
+from torchgate.api.routes import Policy, admin_only, route
+from torchgate.edge.context import context
 from torchgate.errors import BadRequest, Forbidden, ModelLoadError
 from torchgate.serving.admission import describe
 from torchgate.serving.model_config import MODEL_NAME
@@ -29,8 +31,6 @@ from torchgate.serving.registry import ModelRegistry
 from torchgate.serving.repository import ModelRepository
 
 log = logging.getLogger("torchgate.repository")
-
-router = APIRouter(tags=["v2 repository"])
 
 
 def _json(body: object) -> Response:
@@ -80,8 +80,10 @@ def _entry(name: str, version: str, ready: bool, reason: str) -> dict[str, str]:
     return {"name": name, "version": version, "state": state, "reason": reason}
 
 
-@router.post("/v2/repository/index", summary="Models in the repository and their state")
-async def index(request: Request, registry: Registry) -> Response:
+@admin_only
+async def index(request: Request) -> Response:
+    """`POST /v2/repository/index`: models in the repository and their state."""
+    registry: ModelRegistry = request.app.state.registry
     ready_only = (await _payload(request)).get("ready", False)
     if not isinstance(ready_only, bool):
         raise BadRequest('"ready" must be true or false')
@@ -116,8 +118,11 @@ def _allow_model_control(request: Request) -> None:
         )
 
 
-@router.post("/v2/repository/models/{name}/load", summary="Load or reload a model")
-async def load(name: str, request: Request, registry: Registry) -> Response:
+@admin_only
+async def load(request: Request) -> Response:
+    """`POST /v2/repository/models/{name}/load`: load or reload a model."""
+    name = context(request).params["name"]
+    registry: ModelRegistry = request.app.state.registry
     _allow_model_control(request)
     parameters = (await _payload(request)).get("parameters") or {}
     if not isinstance(parameters, dict):
@@ -149,9 +154,19 @@ async def load(name: str, request: Request, registry: Registry) -> Response:
     )
 
 
-@router.post("/v2/repository/models/{name}/unload", summary="Unload a model")
-async def unload(name: str, request: Request, registry: Registry) -> Response:
+@admin_only
+async def unload(request: Request) -> Response:
+    """`POST /v2/repository/models/{name}/unload`: unload a model."""
+    name = context(request).params["name"]
+    registry: ModelRegistry = request.app.state.registry
     _allow_model_control(request)
     await registry.unload(name)
     log.info("model unloaded on request", extra={"model": name})
     return _json({"name": name, "state": "UNAVAILABLE"})
+
+
+ROUTES = [
+    route("/v2/repository/index", "POST", Policy.ADMIN, index),
+    route("/v2/repository/models/{name}/load", "POST", Policy.ADMIN, load),
+    route("/v2/repository/models/{name}/unload", "POST", Policy.ADMIN, unload),
+]

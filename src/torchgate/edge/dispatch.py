@@ -1,9 +1,8 @@
 """`Dispatcher`: the innermost layer, which calls the matched route's handler.
 
 An unknown path is a 404 and another method on a known path a 405 with `Allow`, both from
-the route table's match. A route served by FastAPI's router (its handler is None) goes on
-to FastAPI's own stack; every other handler is called here, and a failure it raises is
-rendered by `api.errors.render` as the same JSON the rest of torchgate answers with.
+the route table's match. A failure the handler raises is rendered by `api.errors.render`
+as the JSON the rest of torchgate answers with. The lifespan goes on to FastAPI.
 """
 
 from __future__ import annotations
@@ -17,7 +16,7 @@ from torchgate.edge.responses import send_error
 
 class Dispatcher:
     def __init__(self, fallback: ASGIApp) -> None:
-        self.fallback = fallback  # FastAPI's stack: its routes, and the lifespan
+        self.fallback = fallback  # FastAPI's stack, for the lifespan
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -31,9 +30,6 @@ class Dispatcher:
                 await send_error(send, 405, "method not allowed", {"Allow": allow})
             else:
                 await send_error(send, 404, "not found")
-            return
-        if route.handler is None:
-            await self.fallback(scope, receive, send)
             return
         request = Request(scope, receive)
         try:

@@ -1,19 +1,11 @@
-"""Small `Annotated` dependencies: the app's components, reached through `app.state`.
-
-They are `async` so FastAPI runs them inline; a plain `def` would cost every request a
-hop through the thread pool."""
+"""A request's body as the handlers read it: its media type checked, then its bytes."""
 
 from __future__ import annotations
 
-from typing import Annotated
-
-from fastapi import Depends, Request
-from starlette.requests import ClientDisconnect
+from starlette.requests import ClientDisconnect, Request
 
 from torchgate.edge.context import header
 from torchgate.errors import UnsupportedMediaType
-from torchgate.metrics import Metrics
-from torchgate.serving.registry import ModelRegistry
 
 JSON_TYPES = ("application/json",)
 # V2 infer bodies: JSON, or JSON plus binary tensors. tritonclient.http sends no content type
@@ -21,18 +13,6 @@ JSON_TYPES = ("application/json",)
 V2_TYPES = ("application/json", "application/octet-stream")
 # V1 predict bodies: JSON, or one encoded image for a model with an image preprocessor
 V1_TYPES = ("application/json", "image/jpeg", "image/png", "image/webp")
-
-
-async def _registry(request: Request) -> ModelRegistry:
-    return request.app.state.registry
-
-
-async def _metrics(request: Request) -> Metrics:
-    return request.app.state.metrics
-
-
-Registry = Annotated[ModelRegistry, Depends(_registry)]
-MetricsDep = Annotated[Metrics, Depends(_metrics)]
 
 
 def media_type(request: Request) -> str:
