@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+import torchserve
 from load import V2_ROWS, Cell, Workload, fill, run_wrk, v2_bodies
+from prometheus_client.parser import text_string_to_metric_families
 from report import Target, merge_rounds
 from servers import (
     BENCH_KEY,
@@ -24,6 +28,9 @@ from servers import (
     post,
     torchgate_command,
 )
+
+BENCH = Path(__file__).resolve().parent
+FLOORS = {"fastapi-floor": "fastapi", "asgi-floor": "asgi"}
 
 
 @dataclass(slots=True)
@@ -51,12 +58,30 @@ def server_env(**extra: str) -> dict[str, str]:
     the benchmark's key, and a rate limit no single benchmark client can reach."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("TORCHGATE_")}
     env.update(
-        TORCHGATE_API_KEYS=BENCH_KEY,
-        TORCHGATE_RATE_LIMIT="1000000/second",
-        PYTHONUNBUFFERED="1",
-        **extra,
+        {
+            "TORCHGATE_API_KEYS": BENCH_KEY,
+            "TORCHGATE_RATE_LIMIT": "1000000/second",
+            "PYTHONUNBUFFERED": "1",
+            **extra,
+        }
     )
     return env
+
+
+def batches(metrics_url: str, model: str) -> tuple[float, float]:
+    """(rows, forwards) torchgate has run for `model` so far, from its /metrics."""
+    with urllib.request.urlopen(metrics_url, timeout=10) as answer:
+        text = answer.read().decode()
+    rows = forwards = 0.0
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.labels.get("model") != model:
+                continue
+            if s.name == "torchgate_batch_size_sum":
+                rows += s.value
+            elif s.name == "torchgate_batch_size_count":
+                forwards += s.value
+    return rows, forwards
 
 
 def answer_check(name: str, answer: np.ndarray, reference: np.ndarray) -> Target:
@@ -89,11 +114,20 @@ def measure(
     """Start one server, check its answer, warm it up and run every concurrency on it.
     `round_no` marks the cells (and names the log) of one round of a cell measured in rounds."""
     port = free_port()
+    model_pt = repository / work.model / "1" / "model.pt"
     if server == "torchgate":
         command = torchgate_command(repository, port, plan.threads, plan.log_level)
         url = f"http://127.0.0.1:{port}/v1/models/{work.model}:predict"
+    elif server == "torchserve":
+        ports = (free_port(), free_port())
+        command = torchserve.command(work.model, model_pt, plan.work_dir, port, ports)
+        env = {**env, "BENCH_TORCH_THREADS": str(plan.threads)}
+        url = f"http://127.0.0.1:{port}/predictions/{work.model}"
+    elif server in FLOORS:
+        command = [sys.executable, str(BENCH / "floors.py"), "--kind", FLOORS[server]]
+        command += ["--port", str(port)]
+        url = f"http://127.0.0.1:{port}/predict"
     else:
-        model_pt = repository / work.model / "1" / "model.pt"
         command = naive_command(model_pt, port, plan.threads)
         url = f"http://127.0.0.1:{port}/predict"
     suffix = "" if scenario == "main" else f"-{scenario}"
@@ -107,11 +141,23 @@ def measure(
         with Server(
             command, env=env, log_path=log, probe_url=url, probe_body=work.sample_body
         ) as s:
-            checks = [v1_answer_check(f"{server} {work.model}{suffix}", s.first_answer, work)]
+            checks = (
+                []  # a floor answers nothing
+                if server in FLOORS
+                else [v1_answer_check(f"{server} {work.model}{suffix}", s.first_answer, work)]
+            )
             if scenario == "cache-on":
                 checks.append(cache_hit_check(url, work))
+            base = url.split("/", 3)
+            metrics_url = f"{base[0]}//{base[2]}/metrics"
             for i, cell in enumerate(cells):
+                before = batches(metrics_url, work.model) if server == "torchgate" else None
                 drive(plan, url, cell, lua_args, warm=i == 0)
+                if before is not None:
+                    rows, forwards = (
+                        a - b for a, b in zip(batches(metrics_url, work.model), before, strict=True)
+                    )
+                    cell.batch_size = rows / forwards if forwards else None
                 print(f"   c={cell.concurrency}: {cell.rps:,.1f} rps", flush=True)
     except ServerError as exc:
         for cell in cells:
@@ -161,11 +207,14 @@ def measure_rounds(
 
 
 def measure_main(
-    plan: Plan, work: Workload, repository: Path, *, lua_args: list[str]
+    plan: Plan, work: Workload, repository: Path, *, lua_args: list[str], peers: bool = True
 ) -> tuple[list[Cell], list[Target]]:
-    """The main cells: torchgate against the naive server at every `plan.concurrency`,
-    alternately, torchgate, naive, torchgate, naive, ..., `plan.rounds` rounds each."""
-    servers = ("torchgate", "naive")
+    """The main cells: torchgate against the naive server (and, with `peers`, TorchServe
+    and the floors: a do-nothing FastAPI route and a do-nothing plain ASGI app) at every
+    `plan.concurrency`, alternately, `plan.rounds` rounds each."""
+    servers: tuple[str, ...] = ("torchgate", "naive")
+    if peers:
+        servers += ("torchserve", *FLOORS)
     return measure_rounds(
         plan,
         work,

@@ -6,8 +6,10 @@ access log at info, to a discarded stream), its lifespan run, and `--requests` d
 requests sent by `--concurrency` tasks through ASGI `receive`/`send` on one event loop.
 The cost is the event loop thread's CPU time per request (`time.thread_time`), which is
 what bounds a server on one loop: the forward runs in the runner thread. A miss sends a
-unique row each time; a hit repeats one row. `--profile` breaks the loop's time down by
-step (the modules of the request path), from cProfile's own time per function.
+unique row each time; a hit repeats one row; a refusal is a request its model has no
+room for (its admission limit set to 0), answered 503 before its body is read.
+`--profile` breaks the loop's time down by step (the modules of the request path), from
+cProfile's own time per function.
 
     .venv/bin/python bench/inprocess.py [--requests 20000] [--concurrency 64] [--profile]
 """
@@ -118,15 +120,17 @@ async def one(app, body: bytes) -> int:
     return status
 
 
-async def drive(app, bodies: list[bytes], concurrency: int) -> tuple[float, float, int]:
-    """(loop CPU seconds, wall seconds, failures) for sending every body."""
+async def drive(
+    app, bodies: list[bytes], concurrency: int, expect: int = 200
+) -> tuple[float, float, int]:
+    """(loop CPU seconds, wall seconds, answers other than `expect`) for every body."""
     queue = list(reversed(bodies))
     failures = 0
 
     async def worker() -> None:
         nonlocal failures
         while queue:
-            if await one(app, queue.pop()) != 200:
+            if await one(app, queue.pop()) != expect:
                 failures += 1
 
     cpu, wall = time.thread_time(), time.perf_counter()
@@ -159,24 +163,32 @@ async def measure(args: argparse.Namespace) -> None:
         await drive(stack, warm, args.concurrency)
 
         def bodies(label: str) -> list[bytes]:
-            if label == "hit":
+            if label in ("hit", "refused"):
                 return [body_for(x[0])] * args.requests
             return [body_for(x[i % len(x)] + rng.random()) for i in range(args.requests)]
 
-        for label in ("miss", "hit"):
+        for label in ("miss", "hit", "refused"):
+            if label == "refused":
+                for served in app.state.registry.versions():
+                    served.limit.limit = 0.0  # no room: every request is refused
             profiler = cProfile.Profile() if args.profile else None
             if profiler:
                 profiler.enable()
             # the best of a few runs: the loop's CPU time moves with what else the machine
             # does and with the batch sizes that happen to form
-            runs = [await drive(stack, bodies(label), args.concurrency) for _ in range(args.repeat)]
+            expect = 503 if label == "refused" else 200
+            runs = [
+                await drive(stack, bodies(label), args.concurrency, expect)
+                for _ in range(args.repeat)
+            ]
             cpu, wall, failures = min(runs)
             if profiler:
                 profiler.disable()
             n = args.requests
+            outcome = "not 503" if label == "refused" else "not 200"
             print(
                 f"{label}: {cpu / n * 1e6:6.1f} us of event-loop CPU per request, "
-                f"{n / wall:,.0f} requests/s in process, {failures} failed",
+                f"{n / wall:,.0f} requests/s in process, {failures} {outcome}",
                 flush=True,
             )
             if profiler:

@@ -52,6 +52,7 @@ class Cell:
     socket_errors: int = 0
     duration_s: float = 0.0
     round: int | None = None  # which round of a cell measured several times (main, cache)
+    batch_size: float | None = None  # torchgate: the mean rows per forward it formed
 
     @property
     def ok(self) -> bool:

@@ -429,3 +429,110 @@ def plot(cells: list[Cell], in_process: dict[str, dict[int, float]], path: Path)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _at_batch(rates: dict[int, float], batch: float) -> float:
+    """The in-process rows/s at `batch`, interpolated between the measured batch sizes."""
+    sizes = sorted(rates)
+    if batch <= sizes[0]:
+        return rates[sizes[0]]
+    for low, high in zip(sizes, sizes[1:], strict=False):
+        if batch <= high:
+            share = (batch - low) / (high - low)
+            return rates[low] + share * (rates[high] - rates[low])
+    return rates[sizes[-1]]
+
+
+def peer_lines(cells: list[Cell]) -> str:
+    """torchgate against TorchServe and the floors, per model and concurrency (medians)."""
+    cells = collapse_rounds(cells)
+    lines = []
+    for model in sorted({c.model for c in cells}):
+        for c in sorted({c.concurrency for c in cells if c.model == model}):
+            tg = find(cells, "torchgate", model, "main", c)
+            if tg is None or not tg.rps:
+                continue
+            parts = []
+            for peer in ("torchserve", "fastapi-floor", "asgi-floor"):
+                other = find(cells, peer, model, "main", c)
+                if other is not None and other.rps:
+                    parts.append(f"{peer} {tg.rps / other.rps:.2f}x")
+            if parts:
+                lines.append(f"{model} c={c}: torchgate rps over " + ", ".join(parts))
+    return "\n".join(lines)
+
+
+def peer_targets(
+    cells: list[Cell], in_process: dict[str, dict[int, float]], costs: dict[str, float]
+) -> list[Target]:
+    """The targets of the route-table issue (13), on the medians of the rounds."""
+    cells = collapse_rounds(cells)
+    out: list[Target] = []
+
+    def pair(model: str, peer: str, c: int = TARGET_CONCURRENCY) -> tuple[Cell, Cell] | None:
+        a, b = find(cells, "torchgate", model, "main", c), find(cells, peer, model, "main", c)
+        return None if a is None or b is None or not a.rps or not b.rps else (a, b)
+
+    def ratio(name: str, model: str, peer: str, factor: float) -> None:
+        found = pair(model, peer)
+        if found is None:
+            out.append(Target(name, "SKIP", f"no {model} c={TARGET_CONCURRENCY} {peer} cell"))
+            return
+        a, b = found
+        ok = a.rps >= factor * b.rps  # type: ignore[operator]
+        detail = f"{a.rps:,.1f} vs {b.rps:,.1f} rps ({a.rps / b.rps:.2f}x, need >= {factor:g}x)"  # type: ignore[operator]
+        out.append(Target(name, "PASS" if ok else "FAIL", detail))
+
+    ratio(
+        "digits c64: torchgate >= 1.0x the do-nothing FastAPI route", "digits", "fastapi-floor", 1.0
+    )
+    ratio("digits c64: torchgate >= 2x TorchServe", "digits", "torchserve", 2.0)
+    found = pair("digits", "torchserve")
+    name = "digits c64: torchgate p99 under half of TorchServe's"
+    if found is None:
+        out.append(Target(name, "SKIP", "no digits c=64 TorchServe cell"))
+    else:
+        a, b = found
+        ok = (a.p99_ms or 0) < (b.p99_ms or 0) / 2
+        out.append(
+            Target(name, "PASS" if ok else "FAIL", f"{a.p99_ms:.1f} ms vs {b.p99_ms:.1f} ms")
+        )
+    ratio("mlp_wide c64: torchgate >= 2.5x TorchServe", "mlp_wide", "torchserve", 2.5)
+    tg = find(cells, "torchgate", "mlp_wide", "main", TARGET_CONCURRENCY)
+    name = "mlp_wide c64: rows/s >= 85% of the in-process limit at the batch size formed"
+    if tg is None or not tg.rps or tg.batch_size is None or "mlp_wide" not in in_process:
+        out.append(Target(name, "SKIP", "no mlp_wide c=64 torchgate cell with its batch size"))
+    else:
+        limit = _at_batch(in_process["mlp_wide"], tg.batch_size)
+        ok = tg.rps >= 0.85 * limit
+        detail = (
+            f"{tg.rps:,.0f} rows/s vs {limit:,.0f} in process at batch {tg.batch_size:.1f} "
+            f"({tg.rps / limit:.0%})"
+        )
+        out.append(Target(name, "PASS" if ok else "FAIL", detail))
+    for model in ("digits", "mlp_wide"):
+        name = f"{model} c1: torchgate p50 no more than 0.2 ms above the naive server's"
+        found = pair(model, "naive", 1)
+        if found is None:
+            out.append(Target(name, "SKIP", f"no {model} c=1 cells"))
+            continue
+        a, b = found
+        gap = (a.p50_ms or 0) - (b.p50_ms or 0)
+        detail = f"{a.p50_ms:.2f} ms vs {b.p50_ms:.2f} ms ({gap:+.2f} ms)"
+        out.append(Target(name, "PASS" if gap <= 0.2 else "FAIL", detail))
+    for label, bound in (("miss", 60.0), ("hit", 25.0)):
+        name = f"digits in process: a {label} costs at most {bound:g} us of the event loop"
+        value = costs.get(label)
+        if value is None:
+            out.append(Target(name, "SKIP", "not measured"))
+        else:
+            out.append(Target(name, "PASS" if value <= bound else "FAIL", f"{value:.1f} us"))
+    comparisons = {c.model: c for c in cache_comparisons(cells)}
+    comparison = comparisons.get("mlp_wide")
+    name = "mlp_wide cache cell: cache on >= 1.3x cache off"
+    if comparison is None:
+        out.append(Target(name, "SKIP", "no cache cells"))
+    else:
+        ok = comparison.ratio >= 1.3
+        out.append(Target(name, "PASS" if ok else "FAIL", f"{comparison.ratio:.2f}x"))
+    return out

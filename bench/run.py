@@ -60,10 +60,13 @@ from load import (
     workload,
     wrk_version,
 )
+from overload import measure_overload, step_dict
 from report import (
     Target,
     cache_comparisons,
     pair_lines,
+    peer_lines,
+    peer_targets,
     plot,
     ratio_lines,
     ratios,
@@ -135,9 +138,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--v2-concurrency", type=_positive, default=8, help="64-row requests at once")
     p.add_argument(
         "--server-log-level",
-        default="warning",
+        default="info",
         choices=["debug", "info", "warning", "error"],
-        help="torchgate's log level; warning (no access log) matches the naive server",
+        help="torchgate's log level; info (its default: an access-log line per request), as "
+        "production runs it",
+    )
+    p.add_argument(
+        "--peers",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="TorchServe and the floors (do-nothing FastAPI route, plain ASGI) in the main cells",
+    )
+    p.add_argument("--overload-cell", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument(
+        "--overload-seconds", type=_positive, help="seconds per overload step (15; --quick 3)"
+    )
+    p.add_argument(
+        "--cost",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the in-process cost of a request (bench/inprocess.py)",
     )
     return p.parse_args(argv)
 
@@ -149,6 +169,26 @@ def ensure_mlp_wide() -> None:
     command = [sys.executable, str(MAKE_MLP_WIDE), "--out", str(MODELS / "mlp_wide")]
     if subprocess.run(command, check=False).returncode != 0:
         raise HarnessError("scripts/make_mlp_wide.py failed")
+
+
+def in_process_costs(quick: bool) -> dict[str, float]:
+    """The event loop's CPU per request in process (bench/inprocess.py): miss, hit, refused."""
+    requests = "3000" if quick else "20000"
+    print(f"-- in-process cost of a request ({requests} each)", flush=True)
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "inprocess.py"), "--requests", requests],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    costs: dict[str, float] = {}
+    for line in done.stdout.splitlines():
+        label, _, rest = line.partition(":")
+        if label in ("miss", "hit", "refused") and "us of event-loop CPU" in rest:
+            costs[label] = float(rest.split()[0])
+    if not costs:
+        print(f"   in-process cost failed: {done.stderr[-400:]}", flush=True)
+    return costs
 
 
 def git_commit() -> str:
@@ -170,6 +210,7 @@ def bench(args: argparse.Namespace) -> int:
     wrk_log.write_text("", encoding="utf-8")
     cells: list[Cell] = []
     checks: list[Target] = []
+    overload: dict[str, list[dict[str, Any]]] = {}
     in_process: dict[str, dict[int, float]] = {}
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="torchgate-bench-") as tmp:
@@ -199,7 +240,9 @@ def bench(args: argparse.Namespace) -> int:
             in_process[model] = in_process_limit(module, work.rows, threads, plan.in_process_s)
             repository = single_model_repository(folder, plan.work_dir)
             main_args = [f"bodies={work.templates}"]
-            new, checked = measure_main(plan, work, repository, lua_args=main_args)
+            new, checked = measure_main(
+                plan, work, repository, lua_args=main_args, peers=args.peers
+            )
             cells += new
             checks += checked
             if args.cache_cell:
@@ -215,14 +258,29 @@ def bench(args: argparse.Namespace) -> int:
                 new, checked = measure_images(plan, repository)
                 cells += new
                 checks += checked
+            if args.overload_cell:
+                step_s = args.overload_seconds or (3 if args.quick else 15)
+                variants = (False, True) if model == "mlp_wide" else (False,)
+                for rate_limited in variants:
+                    steps, checked = measure_overload(
+                        plan, work, repository, rate_limited=rate_limited, seconds=step_s
+                    )
+                    overload.setdefault(model, []).append(
+                        {"rate_limited": rate_limited, "steps": [step_dict(s) for s in steps]}
+                    )
+                    checks += checked
+    costs = in_process_costs(args.quick) if args.cost else {}
 
     ratio = ratios(cells, in_process, concurrency)
-    verdicts = targets(cells)
+    verdicts = targets(cells) + peer_targets(cells, in_process, costs)
     print()
     print(table(cells))
     print()
     print(ratio_lines(ratio, in_process, plan.rounds))
     print(pair_lines(cells))
+    print(peer_lines(cells))
+    for label, value in costs.items():
+        print(f"digits in process: a {label} costs {value:.1f} us of the event loop")
     print()
     for target in checks + verdicts:
         print(f"{target.status:<4}  {target.name}: {target.detail}")
@@ -251,6 +309,8 @@ def bench(args: argparse.Namespace) -> int:
         "ratios": ratio,
         "cache": {c.model: c.as_dict() for c in cache_comparisons(cells)},
         "checks": [t.as_dict() for t in checks],
+        "overload": overload,
+        "in_process_cost_us": costs,
         "targets": [t.as_dict() for t in verdicts],
     }
     (RESULTS / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")

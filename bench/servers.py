@@ -7,6 +7,7 @@ PID (SIGTERM, then SIGKILL if it has not exited within the grace period).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -130,8 +131,14 @@ class Server:
     def __enter__(self) -> Server:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("wb") as log:
+            # a session of its own: stopping it stops what it started too (TorchServe's Java)
             self._process = subprocess.Popen(
-                self.command, stdout=log, stderr=subprocess.STDOUT, env=self.env
+                self.command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                cwd=self.log_path.parent,
+                start_new_session=True,
             )
         try:
             self._wait_ready()
@@ -172,13 +179,21 @@ class Server:
             time.sleep(0.2)
         raise ServerError(f"not ready after {READY_TIMEOUT_S:.0f} s (last: {last})")
 
+    @property
+    def pid(self) -> int:
+        assert self._process is not None
+        return self._process.pid
+
     def stop(self) -> None:
         process, self._process = self._process, None
-        if process is None or process.poll() is not None:
+        if process is None:
             return
-        os.kill(process.pid, signal.SIGTERM)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
         try:
             process.wait(STOP_GRACE_S)
         except subprocess.TimeoutExpired:
-            os.kill(process.pid, signal.SIGKILL)
+            os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)  # what it started and left behind

@@ -43,6 +43,7 @@ def ensure_venv() -> Path:
             "torchserve==0.12.0",
             "torch-model-archiver==0.12.0",
             "nvgpu",
+            "pyyaml",
         ],
     ]
     for step in steps:

@@ -87,20 +87,20 @@ def test_percentiles_interpolate_within_the_latency_buckets(metrics: Metrics):
     sampler.sample()
     latency = metrics.latency.labels("m")
     for _ in range(40):
-        latency.observe(0.02)  # bucket (0.01, 0.025]
+        latency.observe(0.02)  # bucket (0.015, 0.025]
     for _ in range(50):
-        latency.observe(0.04)  # bucket (0.025, 0.05]
+        latency.observe(0.04)  # bucket (0.035, 0.05]
     for _ in range(10):
-        metrics.latency.labels("other").observe(0.3)  # bucket (0.25, 0.5], another model
+        metrics.latency.labels("other").observe(0.3)  # bucket (0.25, 0.35], another model
     clock.now += 1.0
     sample = sampler.sample()
 
     assert sample is not None
-    # rank 50 of 100: 10 into the 50 of (0.025, 0.05]
-    assert sample.p50_ms == pytest.approx((0.025 + 0.025 * 10 / 50) * 1000)
-    # rank 95: 5 into the 10 of (0.25, 0.5]; rank 99: 9 into them
-    assert sample.p95_ms == pytest.approx((0.25 + 0.25 * 5 / 10) * 1000)
-    assert sample.p99_ms == pytest.approx((0.25 + 0.25 * 9 / 10) * 1000)
+    # rank 50 of 100: 10 into the 50 of (0.035, 0.05]
+    assert sample.p50_ms == pytest.approx((0.035 + 0.015 * 10 / 50) * 1000)
+    # rank 95: 5 into the 10 of (0.25, 0.35]; rank 99: 9 into them
+    assert sample.p95_ms == pytest.approx((0.25 + 0.1 * 5 / 10) * 1000)
+    assert sample.p99_ms == pytest.approx((0.25 + 0.1 * 9 / 10) * 1000)
 
 
 def test_quantile_edges():

@@ -24,13 +24,16 @@ from torchgate.config import Settings
 from torchgate.dashboard import Sampler
 from torchgate.edge.auth import AuthMiddleware
 from torchgate.edge.body import BodyLimitMiddleware
+from torchgate.edge.capacity import CapacityMiddleware
 from torchgate.edge.context import RequestContextMiddleware
 from torchgate.edge.dispatch import Dispatcher
 from torchgate.edge.limiter import RateLimiter
 from torchgate.edge.limits import RateLimitMiddleware
 from torchgate.edge.metrics import MetricsMiddleware
+from torchgate.edge.shedding import Shedder
 from torchgate.keys import KeyStore
 from torchgate.metrics import Metrics
+from torchgate.periodic import Periodic
 from torchgate.serving.admission import Admission, admit_all
 from torchgate.serving.cache import InferenceCache
 from torchgate.serving.drift import DriftScorer
@@ -96,6 +99,7 @@ def create_app(settings: Settings, *, models: dict[str, Admission] | None = None
             registry.install(admitted.pop(name))
         registry.start()
         app.state.registry = registry
+        app.shed.registry = registry
         app.state.service = InferenceService(registry, metrics, draining=lambda: app.state.draining)
         sampler = Sampler(
             metrics,
@@ -108,6 +112,13 @@ def create_app(settings: Settings, *, models: dict[str, Admission] | None = None
         app.state.sampler = sampler
         drift_scorer = DriftScorer(registry.drift_monitors)
         drift_scorer.start()
+        trim = memory.trimmer()
+
+        async def trim_step() -> None:
+            trim()
+
+        trimming = Periodic("memory-trim", memory.TRIM_EVERY_S, trim_step)
+        trimming.start()
         memory.settle()  # see memory.py: freeze start-up objects out of the collector
         app.state.ready = True
         if not auth_on:
@@ -125,6 +136,7 @@ def create_app(settings: Settings, *, models: dict[str, Admission] | None = None
         finally:
             await sampler.aclose()
             await drift_scorer.aclose()
+            await trimming.aclose()
             app.state.ready = False
             app.state.draining = True
             drained = await registry.drain(settings.drain_timeout_s)
@@ -154,10 +166,13 @@ def create_app(settings: Settings, *, models: dict[str, Admission] | None = None
     )
     routes = RouteTable(ROUTES)
     app.routes_table = routes
-    # Outermost first: request context (and the route match), metrics, auth, rate limit,
-    # body limits (DESIGN.md), then the dispatcher that calls the route's handler.
+    app.shed = Shedder(routes, metrics)  # asked by the HTTP protocol (protocol.py)
+    # Outermost first: request context (and the route match), metrics, the server's bound
+    # on requests in flight, auth, rate limit, body limits (DESIGN.md), then the dispatcher
+    # that calls the route's handler.
     edge: list[Middleware] = [Middleware(RequestContextMiddleware, routes=routes)]
     edge.append(Middleware(MetricsMiddleware, metrics=metrics))
+    edge.append(Middleware(CapacityMiddleware, max_inflight=settings.max_inflight, metrics=metrics))
     if keys is not None:
         edge.append(
             Middleware(AuthMiddleware, keys=keys, metrics_open=not settings.metrics_require_key)
@@ -199,6 +214,7 @@ class TorchgateApp(FastAPI):
 
     edge: tuple[Middleware, ...] = ()
     routes_table: RouteTable | None = None
+    shed: Shedder | None = None
 
     def build_middleware_stack(self) -> ASGIApp:
         if self.routes_table is not None:

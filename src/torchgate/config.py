@@ -42,6 +42,9 @@ class Settings(BaseSettings):
     rate_limit: str = "100/minute"
     max_body_bytes: int = Field(10 * 1024 * 1024, ge=1024)
     body_timeout_s: float = Field(30.0, gt=0)
+    max_inflight: int = Field(
+        2048, ge=1, description="requests in the server at once, probes aside (503 past it)"
+    )
     max_header_bytes: int = Field(64 * 1024, ge=1024, description="request line and headers")
     max_headers: int = Field(100, ge=8, description="header fields in one request")
     max_text_length: int = Field(10_000, ge=1)

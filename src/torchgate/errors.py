@@ -86,6 +86,10 @@ class QueueFull(Unavailable):
     pass
 
 
+class Overloaded(Unavailable):
+    """Refused before its body was read: the model has as many requests as it can serve."""
+
+
 class CircuitOpen(Unavailable):
     pass
 

@@ -6,6 +6,7 @@ log and metrics need.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -15,7 +16,7 @@ from starlette.types import Receive
 
 from torchgate.api.textguard import TextPolicy
 from torchgate.edge.context import context, header
-from torchgate.errors import BadRequest
+from torchgate.errors import BadRequest, DeadlineExceeded, InferenceFailed, Overloaded
 from torchgate.metrics import Metrics
 from torchgate.processors.config import ImagePreprocess
 from torchgate.serving.cache import CachePolicy
@@ -104,6 +105,12 @@ async def run(
     service: InferenceService = request.app.state.service
     ctx = context(request)
     ctx.rows = rows
+    deadline = ctx.arrived + served.batcher.options.timeout_s  # counted from its arrival
+    if time.monotonic() >= deadline:
+        raise DeadlineExceeded(
+            f"the request's deadline passed before it reached {served.model.key}: it was not "
+            f"answered within {served.batcher.options.timeout_s * 1000:.0f} ms of its arrival"
+        )
     key_name = ctx.key_name
     # a cache scoped per key keeps each key's answers (and what it asked) to itself; a
     # shared one must not say HIT to key B for what key A sent
@@ -118,12 +125,42 @@ async def run(
         caller=caller(request),
         tenant=key_name if per_key and key_name else "",
         material=material,
+        deadline=deadline,
     )
     ctx.cache = result.cache
     ctx.cache_visible = per_key or not key_name
     ctx.queue_ms = round(result.queue_s * 1000, 3)
     ctx.compute_ms = round(result.compute_s * 1000, 3)
     return result
+
+
+class admitted:  # noqa: N801 - used as `with inference.admitted(...)`
+    """A request's place among its version's requests in flight, taken before its body is
+    read: past the version's limit it is refused at once with 503 (`Overloaded`), before
+    anything is decoded. Given back when the request is answered, with its latency."""
+
+    __slots__ = ("_limit", "_started")
+
+    def __init__(self, request: Request, served: ServedVersion) -> None:
+        limit = served.limit
+        if not limit.try_acquire():
+            metrics: Metrics = request.app.state.metrics
+            metrics.shed.labels(served.name, "overloaded").inc()
+            raise Overloaded(
+                f"model {served.name} is overloaded: it is serving all the requests it can "
+                f"({int(limit.limit)} at once); retry later",
+                retry_after_s=limit.retry_after_s(),
+            )
+        self._limit = limit
+        self._started = time.monotonic()
+
+    def __enter__(self) -> admitted:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *rest: object) -> None:
+        # only answers that went through the model tell how fast it answers
+        counted = kind is None or issubclass(kind, InferenceFailed | DeadlineExceeded)
+        self._limit.release(time.monotonic() - self._started, counted)
 
 
 def _disconnect(receive: Receive) -> Callable[[], Awaitable[None]]:

@@ -30,6 +30,7 @@ from torchgate.edge.responses import Answer
 from torchgate.errors import BadRequest, ModelNotFound, TorchgateError
 from torchgate.processors.prepared import InputRefused
 from torchgate.processors.text import TextProcessor
+from torchgate.serving.registry import ServedVersion
 
 MAX_INPUTS = 2048  # texts in one request, as OpenAI's API allows
 _TYPES = {401: "invalid_request_error", 404: "invalid_request_error", 429: "rate_limit_error"}
@@ -159,6 +160,17 @@ async def _answer(request: Request) -> Answer:
             "them: leave out dimensions",
             "dimensions",
         )
+    with inference.admitted(request, served):
+        return await _embed(request, served, pre, asked, body)
+
+
+async def _embed(
+    request: Request,
+    served: ServedVersion,
+    pre: TextProcessor,
+    asked: EmbeddingsRequest,
+    body: bytes,
+) -> Answer:
     if asked.texts is not None:
         texts = asked.texts
         specs = served.config.processor_inputs

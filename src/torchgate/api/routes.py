@@ -61,7 +61,6 @@ class Route:
             object.__setattr__(self, "pattern", _pattern(self.template))
 
 
-
 def route(template: str, methods: str, policy: Policy, handler: Handler) -> Route:
     """`route("/v2/models/{name}", "GET", Policy.INFER, metadata)`; methods comma-separated."""
     return Route(template, frozenset(m.strip() for m in methods.split(",")), handler, policy)

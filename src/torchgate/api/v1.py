@@ -92,37 +92,40 @@ def encode(result: InferenceResult) -> bytes:
 
 
 async def predict(request: Request) -> Answer:
-    body = await read_body(request, V1_TYPES)
     served = inference.resolve(request)
+    with inference.admitted(request, served):  # or 503 at once, before the body is read
+        body = await read_body(request, V1_TYPES)
+        result = await _answer(request, served, body)
+        return Answer(encode(result), headers=inference.cache_header(request, result))
+
+
+async def _answer(request: Request, served: ServedVersion, body: bytes) -> InferenceResult:
     pre = served.model.preprocessor
     media = media_type(request)
     if media in MEDIA_TYPES:  # a raw image body: one row
         if pre is None or media not in pre.media_types:
             taken = ", ".join(pre.media_types) if pre is not None and pre.media_types else "JSON"
             raise UnsupportedMediaType(f"model {served.name} takes {taken}, not {media}")
-        result = await _processed(request, served, [body])
-    else:
+        return await _processed(request, served, [body])
 
-        def decoded() -> tuple[list[np.ndarray], int] | list[object]:
-            payload = parse_json(body)
-            if prepare.v1_wants_processor(payload, served.config):
-                items = prepare.v1_items(payload, served.config)
-                specs = served.config.processor_inputs
-                assert specs is not None
-                arrays = [np.array(items, dtype=object)]
-                inference.screen_text(request, served, arrays, specs, processed=True)
-                return items
-            inputs, rows = decode(payload, served.config)
-            inference.screen_text(request, served, inputs, served.config.inputs)
-            return inputs, rows
+    def decoded() -> tuple[list[np.ndarray], int] | list[object]:
+        payload = parse_json(body)
+        if prepare.v1_wants_processor(payload, served.config):
+            items = prepare.v1_items(payload, served.config)
+            specs = served.config.processor_inputs
+            assert specs is not None
+            arrays = [np.array(items, dtype=object)]
+            inference.screen_text(request, served, arrays, specs, processed=True)
+            return items
+        inputs, rows = decode(payload, served.config)
+        inference.screen_text(request, served, inputs, served.config.inputs)
+        return inputs, rows
 
-        found = await inference.decode(body, decoded)
-        if isinstance(found, list):
-            result = await _processed(request, served, found)
-        else:
-            inputs, rows = found
-            result = await inference.run(request, served, inputs, rows)
-    return Answer(encode(result), headers=inference.cache_header(request, result))
+    found = await inference.decode(body, decoded)
+    if isinstance(found, list):
+        return await _processed(request, served, found)
+    inputs, rows = found
+    return await inference.run(request, served, inputs, rows)
 
 
 async def _processed(

@@ -26,7 +26,7 @@ from torchgate.edge.responses import BINARY, Answer
 from torchgate.errors import ModelNotFound, ModelNotReady, Unavailable
 from torchgate.serving.breaker import BreakerState
 from torchgate.serving.model_config import TensorSpec
-from torchgate.serving.registry import ModelRegistry, ServedModel
+from torchgate.serving.registry import ModelRegistry, ServedModel, ServedVersion
 
 EXTENSIONS = ["binary_tensor_data", "model_repository", "model_configuration", "statistics"]
 
@@ -120,8 +120,13 @@ async def model_ready(request: Request) -> Response:
 
 async def infer(request: Request) -> Answer:
     """`POST /v2/models/{name}[/versions/{version}]/infer`, JSON or binary tensors."""
-    body = await read_body(request, V2_TYPES)
     served = inference.resolve(request)
+    with inference.admitted(request, served):  # or 503 at once, before the body is read
+        body = await read_body(request, V2_TYPES)
+        return await _infer(request, served, body)
+
+
+async def _infer(request: Request, served: ServedVersion, body: bytes) -> Answer:
     header, data = binary.split(body, request.headers.get(binary.HEADER_LENGTH))
 
     def decoder() -> tuple[InferRequest, bool]:

@@ -43,7 +43,8 @@ class RequestContext:
     """What one request is and what serving it found out, for every layer and the log."""
 
     request_id: str
-    started: float
+    started: float  # perf_counter, for durations
+    arrived: float  # time.monotonic, the clock deadlines are kept by
     route: Route | None
     params: dict[str, str]
     request_headers: dict[bytes, bytes]  # the first value of each, by lower-case name
@@ -99,7 +100,9 @@ class RequestContextMiddleware:
             else f"{self._prefix}{next(self._counter):08x}"
         )
         found = self.routes.match(scope["method"], scope["path"])
-        ctx = RequestContext(rid, started, found.route, found.params, headers, found.allowed)
+        ctx = RequestContext(
+            rid, started, time.monotonic(), found.route, found.params, headers, found.allowed
+        )
         scope["torchgate"] = ctx
         token = request_id.set(rid)
         rid_header = (b"x-request-id", rid.encode())

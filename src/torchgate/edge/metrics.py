@@ -54,4 +54,7 @@ class MetricsMiddleware:
             if route is not None and route.policy is Policy.INFER and scope["method"] == "POST":
                 model = ctx.model or UNKNOWN
                 self._child(m.requests, model, code).inc()
-                self._child(m.latency, model).observe(time.perf_counter() - ctx.started)
+                took = time.perf_counter() - ctx.started
+                self._child(m.latency, model).observe(took)
+                if not 200 <= ctx.status < 300:
+                    self._child(m.error_latency, model).observe(took)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import itertools
 import logging
 import time
@@ -46,6 +47,10 @@ LONG_WAIT_S = 0.01
 # times its real ones; rows too unlike in length wait for a batch of their own (the next
 # forward), as dedicated embedding servers sort by length.
 MAX_PADDING = 1.25
+# The queue is standing when its oldest request has waited this many forwards (and at
+# least STANDING_MIN_S): then it is served newest first.
+STANDING_FORWARDS = 4
+STANDING_MIN_S = 0.02
 
 
 @dataclass(slots=True)
@@ -66,6 +71,7 @@ class _Pending:
     rows: int
     future: asyncio.Future[BatchResult]
     enqueued: float
+    deadline: float  # by the batcher's clock: answered 504 then, queued or computing
     queued: bool = True
     length: int = 0  # tokens in its one row, when batching by tokens
 
@@ -110,6 +116,9 @@ class Batcher:
     _closing: bool = field(default=False, init=False)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list, init=False)
     _deadline_timer: asyncio.TimerHandle | None = field(default=None, init=False)
+    _timer_at: float = field(default=0.0, init=False)
+    _deadlines: list[tuple[float, int, _Pending]] = field(default_factory=list, init=False)
+    _sequence: itertools.count[int] = field(default_factory=itertools.count, init=False)
     _compute_s: float = field(default=0.0, init=False)  # moving average of forward times
 
     def __post_init__(self) -> None:
@@ -196,21 +205,25 @@ class Batcher:
 
     # the caller's side ----------------------------------------------------------------------
 
-    async def infer(self, inputs: list[np.ndarray], rows: int) -> BatchResult:
-        """Queue `rows` rows and wait for their outputs (raises a `TorchgateError`)."""
-        return await self.submit(inputs, rows)
-
-    def submit(self, inputs: list[np.ndarray], rows: int) -> asyncio.Future[BatchResult]:
+    def submit(
+        self, inputs: list[np.ndarray], rows: int, deadline: float | None = None
+    ) -> asyncio.Future[BatchResult]:
+        """Queue a request's rows; its future is answered by `deadline` (by this batcher's
+        clock; `timeout_s` from now when None) or fails with `DeadlineExceeded` then."""
         self._admit(rows)
-        return self._enqueue(inputs, rows, 0)
+        return self._enqueue(inputs, rows, 0, self._deadline(deadline))
 
     def submit_rows(
-        self, rows: list[tuple[list[np.ndarray], int]]
+        self, rows: list[tuple[list[np.ndarray], int]], deadline: float | None = None
     ) -> list[asyncio.Future[BatchResult]]:
         """Queue each row on its own with its length in tokens (all of them or none), so
         that rows of many requests are packed by length; one future per row."""
         self._admit(len(rows))
-        return [self._enqueue(inputs, 1, length) for inputs, length in rows]
+        due = self._deadline(deadline)
+        return [self._enqueue(inputs, 1, length, due) for inputs, length in rows]
+
+    def _deadline(self, given: float | None) -> float:
+        return self.clock() + self.options.timeout_s if given is None else given
 
     def _admit(self, rows: int) -> None:
         if not self._accepting:
@@ -223,14 +236,19 @@ class Batcher:
             )
 
     def _enqueue(
-        self, inputs: list[np.ndarray], rows: int, length: int
+        self, inputs: list[np.ndarray], rows: int, length: int, deadline: float
     ) -> asyncio.Future[BatchResult]:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[BatchResult] = loop.create_future()
-        pending = _Pending(inputs, rows, future, self.clock(), length=length)
+        now = self.clock()
+        pending = _Pending(inputs, rows, future, now, deadline, length=length)
         future.add_done_callback(lambda _: self._forget(pending))
-        if self._deadline_timer is None:
-            self._deadline_timer = loop.call_later(self.options.timeout_s, self._expire_due)
+        heapq.heappush(self._deadlines, (deadline, next(self._sequence), pending))
+        if self._deadline_timer is None or deadline < self._timer_at:
+            if self._deadline_timer is not None:
+                self._deadline_timer.cancel()
+            self._timer_at = deadline
+            self._deadline_timer = loop.call_later(max(0.0, deadline - now), self._expire_due)
         self._queue.append(pending)
         self._queued_rows += rows
         self._idle.clear()
@@ -238,27 +256,31 @@ class Batcher:
         return future
 
     def _expire_due(self) -> None:
-        """Fail the queued requests whose deadline has passed (the oldest are first: every
-        request waits at most the same `timeout_s`), then arm the timer for the next one."""
+        """Fail the requests whose deadline has passed, queued or computing (a forward that
+        ends later answers nobody), then arm the timer for the next deadline. One timer,
+        on a heap of every request's deadline, serves them all."""
         self._deadline_timer = None
-        timeout_s = self.options.timeout_s
         now = self.clock()
-        for pending in self._queue:
-            if not pending.queued:
+        deadlines = self._deadlines
+        while deadlines:
+            deadline, _, pending = deadlines[0]
+            if pending.future.done():
+                heapq.heappop(deadlines)
                 continue
-            left = pending.enqueued + timeout_s - now
-            if left > 0:
+            if deadline > now:
+                self._timer_at = deadline
                 loop = asyncio.get_running_loop()
-                self._deadline_timer = loop.call_later(left, self._expire_due)
+                self._deadline_timer = loop.call_later(deadline - now, self._expire_due)
                 return
-            if not pending.future.done():
-                self.metrics.shed_deadline.inc()
-                pending.future.set_exception(
-                    DeadlineExceeded(
-                        f"request waited {timeout_s * 1000:.0f} ms in the queue of "
-                        f"{self.model.key} without being computed"
-                    )
+            heapq.heappop(deadlines)
+            self.metrics.shed_deadline.inc()
+            where = "in the queue" if pending.queued else "while its batch was computed"
+            pending.future.set_exception(
+                DeadlineExceeded(
+                    f"the request's deadline passed {where} of {self.model.key}: it was not "
+                    f"answered within {self.options.timeout_s * 1000:.0f} ms of its arrival"
                 )
+            )
 
     def _forget(self, pending: _Pending) -> None:
         """Take a request out of the queue's accounting (taken, expired or cancelled)."""
@@ -274,22 +296,37 @@ class Batcher:
     # the runner's side ----------------------------------------------------------------------
 
     def _take(self, batch: list[_Pending], rows: int) -> int:
-        """Move queued requests into `batch` while they fit; returns the rows in it."""
+        """Move queued requests into `batch` while they fit; returns the rows in it. Oldest
+        first, but newest first while the queue is standing (`_standing`)."""
         if self.options.max_batch_tokens is not None:
             return self._take_by_tokens(batch, rows)
         queue = self._queue
+        lifo = self._standing()
         while queue:
-            head = queue[0]
+            head = queue[-1] if lifo else queue[0]
             if not head.queued:
-                queue.popleft()
+                queue.pop() if lifo else queue.popleft()
                 continue
             if rows + head.rows > self._max_rows and batch:
                 break
-            queue.popleft()
+            queue.pop() if lifo else queue.popleft()
             self._forget(head)
             batch.append(head)
             rows += head.rows
         return rows
+
+    def _standing(self) -> bool:
+        """Whether the queue is standing: its oldest request has waited longer than a few
+        forwards. Then the freshest are served first (adaptive LIFO, as Facebook's servers
+        do under a persistent queue): they can still meet their deadline, and the oldest,
+        which mostly cannot, expire at theirs instead of making everyone late."""
+        queue = self._queue
+        while queue and not queue[0].queued:
+            queue.popleft()
+        if not queue:
+            return False
+        patience = max(STANDING_MIN_S, STANDING_FORWARDS * self._compute_s)
+        return self.clock() - queue[0].enqueued > patience
 
     def _take_by_tokens(self, batch: list[_Pending], rows: int) -> int:
         """Pack rows of similar length: the oldest queued row (so none waits forever), then,

@@ -26,6 +26,7 @@ from torchgate.serving.batching import Batcher, BatcherOptions
 from torchgate.serving.breaker import BreakerState, CircuitBreaker
 from torchgate.serving.cache import InferenceCache, VersionCache
 from torchgate.serving.canary import Arm, Canary
+from torchgate.serving.concurrency import ConcurrencyLimit
 from torchgate.serving.drift import DriftMonitor, Reference
 from torchgate.serving.model import LoadedModel
 from torchgate.serving.model_config import MODEL_NAME, ModelConfig
@@ -50,6 +51,8 @@ class ServedVersion:
     # one thread, not a pool: more threads decoding at once take the GIL from the event
     # loop, and /health waits (README, Benchmark: the image cell)
     preprocess: Runner | None = None
+    # requests of this version inside the server at once (admitted before their body is read)
+    limit: ConcurrencyLimit = field(default_factory=lambda: ConcurrencyLimit(minimum=1, maximum=1))
 
     @property
     def name(self) -> str:
@@ -323,7 +326,12 @@ class ModelRegistry:
         )
         preprocess = None if model.preprocessor is None else Runner(f"preprocess-{model.key}")
         return ServedVersion(
-            model, batcher, self.cache.for_version(model), breaker, preprocess=preprocess
+            model,
+            batcher,
+            self.cache.for_version(model),
+            breaker,
+            preprocess=preprocess,
+            limit=_concurrency(options),
         )
 
     async def _stop(
@@ -341,6 +349,14 @@ class ModelRegistry:
             # a version reloaded from a changed file keeps its number, and its series
             if forget and (now is None or version.version not in now.versions):
                 self.metrics.forget_version(name, str(version.version))
+
+
+def _concurrency(options: BatcherOptions) -> ConcurrencyLimit:
+    """Between enough requests to fill the batches the runners compute, and what the queue
+    holds besides them (rows, as most requests carry one)."""
+    running = options.max_batch_size * options.instances if options.max_batch_size else 1
+    maximum = options.max_queue_rows + running
+    return ConcurrencyLimit(minimum=min(running, maximum), maximum=maximum)
 
 
 def _pad_values(model: LoadedModel) -> tuple[float, ...] | None:

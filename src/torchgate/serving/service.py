@@ -75,6 +75,7 @@ class InferenceService:
         caller: str = "",
         tenant: str = "",
         material: list[bytes] | None = None,
+        deadline: float | None = None,
     ) -> InferenceResult:
         """Cache, then breaker, then batcher, for the rows the cache does not have.
         `disconnected` returns once the client has gone (a request that may wait long is
@@ -99,7 +100,7 @@ class InferenceService:
                 # a request that will be computed within milliseconds gains nothing from a
                 # disconnect watcher: only one that may wait long gets one
                 waits = served.batcher.may_wait_long()
-                future = _submit(served, subset, subset_rows)
+                future = _submit(served, subset, subset_rows, deadline)
                 if disconnected is None or not waits:
                     result = await future
                 else:
@@ -156,7 +157,7 @@ class InferenceService:
 
 
 def _submit(
-    served: ServedVersion, inputs: list[np.ndarray], rows: int
+    served: ServedVersion, inputs: list[np.ndarray], rows: int, deadline: float | None
 ) -> asyncio.Future[BatchResult]:
     """Queue a request's rows: as one piece, or for a model batched by tokens row by row,
     each cut to its own length, so that the batcher packs rows of similar length from
@@ -164,10 +165,11 @@ def _submit(
     batcher = served.batcher
     pre = served.model.preprocessor
     if batcher.options.max_batch_tokens is None or not isinstance(pre, TextProcessor):
-        return batcher.submit(inputs, rows)
+        return batcher.submit(inputs, rows, deadline)
     lengths = pre.lengths(inputs).tolist()
     futures = batcher.submit_rows(
-        [([a[i : i + 1, : max(n, 1)] for a in inputs], n) for i, n in enumerate(lengths)]
+        [([a[i : i + 1, : max(n, 1)] for a in inputs], n) for i, n in enumerate(lengths)],
+        deadline,
     )
     return asyncio.ensure_future(_joined(futures))
 
