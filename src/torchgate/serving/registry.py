@@ -324,7 +324,10 @@ class ModelRegistry:
             min_callers=s.breaker_min_callers,
             on_change=on_change,
         )
-        preprocess = None if model.preprocessor is None else Runner(f"preprocess-{model.key}")
+        preprocess = None
+        if model.preprocessor is not None:
+            preprocess = Runner(f"preprocess-{model.key}")
+            preprocess.start()
         return ServedVersion(
             model,
             batcher,

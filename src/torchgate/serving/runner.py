@@ -28,11 +28,14 @@ def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | Non
 
 
 class Runner:
-    """A named worker thread; `run` hands it a call and awaits the result."""
+    """A named worker thread, started by `start()`; `run` hands it a call and awaits the
+    result; `stop()` ends it."""
 
     def __init__(self, name: str) -> None:
         self._jobs: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._work, name=name, daemon=True)
+
+    def start(self) -> None:
         self._thread.start()
 
     def run(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
@@ -43,6 +46,8 @@ class Runner:
 
     def stop(self) -> None:
         """Finish the jobs already handed over, then end the thread."""
+        if not self._thread.is_alive():
+            return
         self._jobs.put(None)
         self._thread.join()
 

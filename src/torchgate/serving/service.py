@@ -26,9 +26,9 @@ from torchgate.errors import (
 )
 from torchgate.metrics import Metrics
 from torchgate.processors.text import TextProcessor
-from torchgate.serving.batching import BatchResult
 from torchgate.serving.cache import CachePolicy
 from torchgate.serving.canary import Arm
+from torchgate.serving.execution import BatchResult
 from torchgate.serving.registry import ModelRegistry, ServedVersion
 from torchgate.serving.scores import top_classes
 
