@@ -19,7 +19,7 @@ STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install install-text models-text bench-embeddings serve test lint format bench models clean wheel hadolint image validate perf-analyzer \
+.PHONY: install install-text models-text bench-embeddings bench-residency serve test lint format bench models clean wheel hadolint image validate perf-analyzer \
 	manifests rules smoke smoke-k8s canary-gates deploy-canary deploy-production rollback-canary current-image
 
 install: $(STAMP)
@@ -85,6 +85,11 @@ bench: install
 # torchgate's /v1/embeddings against Infinity and naive sentence-transformers (about 15 min)
 bench-embeddings: install-text
 	$(PY) bench/embeddings.py $(BENCH_ARGS)
+
+# Many models in bounded memory: 40 models of 3 MiB, Zipf traffic at 16 connections, a
+# budget that holds 8 against none (about a minute; BENCH_ARGS="--duration 5" for less)
+bench-residency: install
+	$(PY) bench/residency.py $(BENCH_ARGS)
 
 # Triton's perf_analyzer against torchgate over HTTP, digits at concurrency 1 to 8 (about a
 # minute). The first run installs the tool into build/perf-analyzer (the tritonclient 2.40.0

@@ -112,10 +112,9 @@ def create_app(settings: Settings, *, models: dict[str, Admission] | None = None
         app.state.sampler = sampler
         drift_scorer = DriftScorer(registry.drift_monitors)
         drift_scorer.start()
-        trim = memory.trimmer()
 
         async def trim_step() -> None:
-            trim()
+            memory.trim()
 
         trimming = Periodic("memory-trim", memory.TRIM_EVERY_S, trim_step)
         trimming.start()

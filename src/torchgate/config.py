@@ -61,6 +61,23 @@ class Settings(BaseSettings):
     )
     drain_timeout_s: float = Field(30.0, gt=0)
     model_control: Literal["none", "explicit"] = "none"
+
+    # residency: models loaded on demand within a memory budget (serving/residency.py)
+    model_memory_bytes: int | None = Field(
+        None, ge=1, description="host memory for models on the CPU; unset = no budget"
+    )
+    gpu_model_memory_bytes: int | None = Field(
+        None, ge=1, description="memory for models on each GPU; unset = no budget"
+    )
+    load_backoff_s: float = Field(
+        10.0, gt=0, description="wait after a failed on-demand load before the next try"
+    )
+    load_backoff_max_s: float = Field(
+        300.0, gt=0, description="the back-off doubles per failure up to this"
+    )
+    concurrent_loads: int = Field(
+        1, ge=1, le=64, description="model loads at once (each peaks at several times its size)"
+    )
     sla_p99_ms: float = Field(500.0, gt=0, description="p99 latency objective for alerts")
 
     @field_validator("device")

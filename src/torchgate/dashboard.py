@@ -4,10 +4,11 @@ Once a second a background task reads torchgate's metric objects, diffs them aga
 previous reading, and keeps one `Sample` per interval in a ring buffer (five minutes by
 default), and one more over the last minute (`now`: what the page's tiles and legends
 show). Answers are counted by status class, 429 apart from the other 4xx, so refusals
-show beside errors. Percentiles come from the latency histogram's bucket deltas,
-interpolated linearly within a bucket as PromQL's `histogram_quantile` does. The work is
-a few dict walks a second, off the request path: the page's `GET /dashboard/data` only
-serializes what the sampler already computed.
+show beside errors. The resident set (`serving.residency`: the versions loaded and their
+bytes, the budget, loads and evictions) is read the same way. Percentiles come from the
+latency histogram's bucket deltas, interpolated linearly within a bucket as PromQL's
+`histogram_quantile` does. The work is a few dict walks a second, off the request path:
+the page's `GET /dashboard/data` only serializes what the sampler already computed.
 """
 
 from __future__ import annotations
@@ -62,6 +63,12 @@ class Sample:
     forwards_per_s: float
     cache_hit_rate: float | None
     shed_per_s: float
+    resident: dict[str, float]  # "model/version" -> bytes it holds, for each loaded version
+    memory_bytes: float  # held by loaded models and loads in progress, every device
+    memory_budget_bytes: float | None  # every device's budget; None: no budget
+    loads: int  # models loaded in the interval
+    load_failures: int
+    evictions: int
 
 
 Values = dict[Series, float]
@@ -162,12 +169,17 @@ class Sampler:
             "batches": m.batch_size,
             "cache": m.cache_requests,
             "shed": m.shed,
+            "loads": m.model_loads,
+            "evictions": m.model_evictions,
         }
         self._gauges = {
             "inflight": m.inflight,
             "models": m.models_loaded,
             "breakers": m.circuit_state,
             "queue": m.queue_rows,
+            "resident": m.resident_bytes,
+            "memory": m.memory_resident,
+            "budget": m.memory_budget,
         }
 
     def sample(self) -> Sample | None:
@@ -221,7 +233,11 @@ class Sampler:
         for (_, _model, result), value in grown["cache"].items():
             cache[result] = cache.get(result, 0.0) + value
 
+        loads = {"ok": 0.0, "failed": 0.0}
+        for (_, _model, _reason, result), value in _only(grown["loads"], "_total"):
+            loads[result] = loads.get(result, 0.0) + value
         gauges = new.gauges
+        budgets = gauges["budget"].values()
         return Sample(
             t=round(new.at - self._started, 3),
             interval_s=round(dt, 3),
@@ -245,6 +261,15 @@ class Sampler:
             forwards_per_s=round(forwards / dt, 3),
             cache_hit_rate=_ratio(cache["hit"], cache["hit"] + cache["miss"]),
             shed_per_s=round(sum(grown["shed"].values()) / dt, 3),
+            resident={
+                f"{model}/{version}": value
+                for (_, model, version), value in sorted(gauges["resident"].items())
+            },
+            memory_bytes=sum(gauges["memory"].values()),
+            memory_budget_bytes=sum(budgets) if budgets else None,
+            loads=round(loads["ok"]),
+            load_failures=round(loads["failed"]),
+            evictions=round(sum(v for _, v in _only(grown["evictions"], "_total"))),
         )
 
     # the background task ---------------------------------------------------------------

@@ -64,6 +64,7 @@ FAST_BUCKETS = (
     10.0,
 )
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+LOAD_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
 
 @dataclass(slots=True)
@@ -269,6 +270,58 @@ class Metrics:
             registry=registry,
         )
 
+        # residency: models loaded on demand within the memory budget; `model` takes names
+        # of the repository's model folders only
+        self.model_loads = Counter(
+            "torchgate_model_loads_total",
+            "Model loads by reason (startup, on_demand, admin) and result (ok, failed, no_room)",
+            ["model", "reason", "result"],
+            registry=registry,
+        )
+        self.model_load_seconds = Histogram(
+            "torchgate_model_load_seconds",
+            "Time to load a model: making room, the gate and the warm-up",
+            ["model"],
+            buckets=LOAD_BUCKETS,
+            registry=registry,
+        )
+        self.model_evictions = Counter(
+            "torchgate_model_evictions_total",
+            "Models evicted to make room for another, least recently used first",
+            ["model"],
+            registry=registry,
+        )
+        self.model_load_waits = Counter(
+            "torchgate_model_load_waits_total",
+            "Requests that waited for their model to be loaded",
+            ["model"],
+            registry=registry,
+        )
+        self.resident_bytes = Gauge(
+            "torchgate_model_resident_bytes",
+            "Bytes a loaded version holds: parameters, buffers and what its warm-up allocated",
+            ["model", "version"],
+            registry=registry,
+        )
+        self.memory_budget = Gauge(
+            "torchgate_model_memory_budget_bytes",
+            "Memory budget for loaded models, per device (absent: no budget)",
+            ["device"],
+            registry=registry,
+        )
+        self.memory_resident = Gauge(
+            "torchgate_model_memory_resident_bytes",
+            "Bytes held by loaded models and reserved by loads in progress, per device",
+            ["device"],
+            registry=registry,
+        )
+        self.memory_peak = Gauge(
+            "torchgate_model_memory_peak_bytes",
+            "Highest torchgate_model_memory_resident_bytes since start, per device",
+            ["device"],
+            registry=registry,
+        )
+
         # edge protection
         self.ratelimit_rejections = Counter(
             "torchgate_ratelimit_rejections_total",
@@ -304,6 +357,15 @@ class Metrics:
             children.padding_ratio = self.padding_ratio.labels(model, version)
         return children
 
+    @staticmethod
+    def unbind(children: BatcherMetrics) -> None:
+        """Let a stopped batcher's gauges read nothing of it any more: a gauge read at
+        scrape time holds a function of the batcher, which holds the gauge, a cycle that
+        only a full collection would free (and with it the version's model)."""
+        children.queue_rows.set_function(_nothing)
+        if children.padding_ratio is not None:
+            children.padding_ratio.set_function(_nothing)
+
     def forget_version(self, model: str, version: str) -> None:
         """Drop every series of an unloaded version, so none lingers at a stale value (an
         open circuit's alert would keep firing for a version that is gone)."""
@@ -314,6 +376,7 @@ class Metrics:
             self.compute,
             self.batch_retries,
             self.load_bytes,
+            self.resident_bytes,
             self.padding_ratio,
             self.circuit_state,
             self.canary_weight,
@@ -333,3 +396,7 @@ class Metrics:
         """Drop an unloaded model's drift score."""
         with contextlib.suppress(KeyError):
             self.drift_score.remove(model)
+
+
+def _nothing() -> float:
+    return 0.0

@@ -48,6 +48,7 @@ KUSTOMIZATIONS = [
     "overlays/gpu",
     "overlays/canary",
     "ingress",
+    "affinity",  # the ingress with each model's traffic hashed to a few pods
     "monitoring",
     "redis",  # a Component: rendered on top of the cpu overlay
 ]

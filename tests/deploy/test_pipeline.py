@@ -250,7 +250,7 @@ def test_make_manifests_renders_and_validates_every_overlay() -> None:
     assert result.returncode == 0, output(result)
     for target in ("base", "overlays/cpu", "overlays/gpu", "overlays/canary", "redis"):
         assert re.search(rf"^{target}: \d+ objects, valid", result.stdout, re.MULTILINE)
-    assert "manifests: PASS: 7 kustomizations" in result.stdout
+    assert "manifests: PASS: 8 kustomizations" in result.stdout
 
 
 def unknown_field(text: str) -> str:

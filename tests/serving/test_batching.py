@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -225,3 +227,25 @@ def test_several_instances_compute_in_parallel(doubler):
 
     metrics = run(doubler, body, instances=2)
     assert sample(metrics, "torchgate_batch_size_count") == 2
+
+
+def test_a_closed_batcher_is_freed_without_a_collection(doubler):
+    """An evicted model's memory comes back at once, with no full collection (a pause of
+    the event loop): nothing the batcher built points back at it once it is closed."""
+
+    async def body() -> weakref.ref[Batcher]:
+        metrics = Metrics(CollectorRegistry(), version="test")
+        children = metrics.for_batcher("doubler", "1")
+        batcher = Batcher(doubler, BatcherOptions(max_batch_size=4), children)
+        batcher.start()
+        await batcher.submit([rows(1)], 1, deadline=batcher.clock() + 60)
+        await batcher.aclose()
+        Metrics.unbind(children)
+        return weakref.ref(batcher)
+
+    gc.disable()
+    try:
+        ref = asyncio.run(body())
+        assert ref() is None
+    finally:
+        gc.enable()

@@ -20,6 +20,9 @@ def readiness_problems(request: Request) -> list[str]:
         problems.append("models are not loaded yet")
     if getattr(state, "draining", False):
         problems.append("draining")
+    registry = getattr(state, "registry", None)
+    if registry is not None:  # pinned and start-up models loaded (serving.residency)
+        problems += registry.residency.unready()
     return problems
 
 

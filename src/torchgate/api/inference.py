@@ -46,17 +46,22 @@ def caller(request: Request) -> str:
     return client[0] if client else ""
 
 
-def resolve(request: Request, name: str | None = None, version: str | None = None) -> ServedVersion:
+async def resolve(
+    request: Request, name: str | None = None, version: str | None = None
+) -> ServedVersion:
     """The served version a request is for (the route's `name` and `version` unless given;
-    a canary's, for some callers, when it names none); the model becomes a metrics label
-    only now."""
+    a canary's, for some callers, when it names none), its model loaded first if it is
+    not (`residency`) and held for this request; the model becomes a metrics label only
+    now."""
     ctx = context(request)
     params = ctx.params
     name = name or params.get("name")
     version = version or params.get("version")
     registry = registry_of(request)
     identity = "" if version else caller(request)
-    served, canary = registry.route(name or registry.default_model(), version, identity)
+    name = name or registry.default_model()
+    await registry.residency.acquire(name)
+    served, canary = registry.route(name, version, identity)
     ctx.model, ctx.version, ctx.canary = served.name, served.version, canary
     return served
 

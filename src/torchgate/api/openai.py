@@ -147,7 +147,7 @@ async def _answer(request: Request) -> Answer:
     body = await read_body(request)
     asked = await inference.decode(body, lambda: decode(parse_json(body)))
     try:
-        served = inference.resolve(request, asked.model, None)
+        served = await inference.resolve(request, asked.model, None)
     except ModelNotFound as exc:
         raise _with_param(exc, "model") from None
     pre = served.model.preprocessor

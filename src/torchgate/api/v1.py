@@ -16,10 +16,11 @@ from torchgate.api.codec import check_rows, check_shape, coerce, parse_json
 from torchgate.api.routes import Policy, route
 from torchgate.edge.context import context
 from torchgate.edge.responses import Answer
-from torchgate.errors import BadRequest, UnsupportedMediaType
+from torchgate.errors import BadRequest, ModelLoadError, UnsupportedMediaType
 from torchgate.processors.image import MEDIA_TYPES
 from torchgate.serving.model_config import ModelConfig
-from torchgate.serving.registry import ServedVersion
+from torchgate.serving.registry import ModelRegistry, ServedVersion
+from torchgate.serving.residency import State, Status
 from torchgate.serving.service import InferenceResult
 
 _DUMPS = orjson.OPT_SERIALIZE_NUMPY
@@ -92,7 +93,7 @@ def encode(result: InferenceResult) -> bytes:
 
 
 async def predict(request: Request) -> Answer:
-    served = inference.resolve(request)
+    served = await inference.resolve(request)
     with inference.admitted(request, served):  # or 503 at once, before the body is read
         body = await read_body(request, V1_TYPES)
         result = await _answer(request, served, body)
@@ -140,15 +141,22 @@ async def _processed(
 
 async def model_status(request: Request) -> Response:
     """`GET /v1/models/{name}`: the state of a model's versions, those the gate refused
-    (`serving.admission`) included, with the reason."""
-    served = inference.registry_of(request).get(context(request).params["name"])
-    statuses: list[dict[str, str]] = [
+    (`serving.admission`) included, with the reason; for a model not loaded now
+    (`serving.residency`), its version folders LOADING or UNLOADED, and why."""
+    name = context(request).params["name"]
+    registry = inference.registry_of(request)
+    residency = registry.residency.status(name)
+    if name not in registry and residency is not None:
+        return _unloaded_status(registry, name, residency)
+    served = registry.get(name)
+    statuses: list[dict[str, Any]] = [
         {
             "version": str(number),
             "state": "AVAILABLE" if v.batcher.accepting else "UNLOADING",
             "circuit": v.breaker.state.name.lower(),
             "device": str(v.model.device),
             "sha256": v.model.sha256,
+            "resident_bytes": v.model.resident_bytes,
         }
         for number, v in served.versions.items()
     ]
@@ -159,7 +167,30 @@ async def model_status(request: Request) -> Response:
     body = {
         "name": served.name,
         "default_version": str(served.default_version),
+        "load": served.config.load,
+        "residency": "loaded",
         "model_version_status": sorted(statuses, key=lambda s: int(s["version"])),
+    }
+    return Response(orjson.dumps(body), media_type="application/json")
+
+
+def _unloaded_status(registry: ModelRegistry, name: str, residency: Status) -> Response:
+    """A model this server knows but has not loaded: loading now, or why not."""
+    try:
+        numbers = registry.repository.versions(name)  # a directory listing: cheap
+    except ModelLoadError:
+        numbers = []
+    loading = residency.state is State.LOADING
+    state = "LOADING" if loading else "UNLOADED"
+    reason = "loading on demand" if loading else residency.reason
+    body = {
+        "name": name,
+        "load": residency.policy,
+        "residency": residency.state.value,
+        "reason": reason,
+        "model_version_status": [
+            {"version": str(n), "state": state, "reason": reason} for n in numbers
+        ],
     }
     return Response(orjson.dumps(body), media_type="application/json")
 

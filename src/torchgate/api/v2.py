@@ -120,7 +120,7 @@ async def model_ready(request: Request) -> Response:
 
 async def infer(request: Request) -> Answer:
     """`POST /v2/models/{name}[/versions/{version}]/infer`, JSON or binary tensors."""
-    served = inference.resolve(request)
+    served = await inference.resolve(request)
     with inference.admitted(request, served):  # or 503 at once, before the body is read
         body = await read_body(request, V2_TYPES)
         return await _infer(request, served, body)

@@ -1,9 +1,12 @@
 """The V2 model repository extension (as Triton has it): list the repository's models, and
 load or unload one by name.
 
-The index lists every version folder: READY when served, UNAVAILABLE with the reason when
-not (refused by the gate, or the model is not loaded). A load answers with the versions
-served, the default one, and the versions refused with why (`serving.admission`).
+The index lists every version folder: READY when served, LOADING while its model loads
+on demand, UNAVAILABLE with the reason when not (refused by the gate; or the model is not
+loaded, and why: it loads on its first request, it was evicted to make room, its last load
+failed). A load answers with the versions served, the default one, and the versions
+refused with why (`serving.admission`); it is held to the memory budget as every load is
+(`serving.residency`).
 
 Loading and unloading are refused (403) unless `model_control` is "explicit", as Triton
 refuses them outside its explicit mode; the admin scope on `/v2/repository` is the auth
@@ -24,11 +27,11 @@ from torchgate.api.body import V2_TYPES, read_body
 from torchgate.api.codec import parse_json
 from torchgate.api.routes import Policy, admin_only, route
 from torchgate.edge.context import context
-from torchgate.errors import BadRequest, Forbidden, ModelLoadError
-from torchgate.serving.admission import describe
+from torchgate.errors import BadRequest, Forbidden, ModelLoadError, ModelNotReady
 from torchgate.serving.model_config import MODEL_NAME
 from torchgate.serving.registry import ModelRegistry
 from torchgate.serving.repository import ModelRepository
+from torchgate.serving.residency import LoadFailed, NoRoom, State
 
 log = logging.getLogger("torchgate.repository")
 
@@ -75,9 +78,19 @@ async def _payload(request: Request) -> dict[str, Any]:
     return payload
 
 
-def _entry(name: str, version: str, ready: bool, reason: str) -> dict[str, str]:
-    state = "READY" if ready else "UNAVAILABLE"
+def _entry(name: str, version: str, ready: bool, reason: str, state: str = "") -> dict[str, str]:
+    state = state or ("READY" if ready else "UNAVAILABLE")
     return {"name": name, "version": version, "state": state, "reason": reason}
+
+
+def unloaded_reason(registry: ModelRegistry, name: str) -> tuple[str, str]:
+    """A model that is not served: LOADING or UNAVAILABLE, and why."""
+    status = registry.residency.status(name)
+    if status is None:
+        return "UNAVAILABLE", "unloaded"
+    if status.state is State.LOADING:
+        return "LOADING", f"loading on demand (load = {status.policy})"
+    return "UNAVAILABLE", f"unloaded: {status.reason}"
 
 
 @admin_only
@@ -104,7 +117,8 @@ async def index(request: Request) -> Response:
         elif isinstance(found := folders[name], str):
             entries.append(_entry(name, "", False, found))
         else:
-            entries += [_entry(name, version, False, "unloaded") for version in found]
+            state, reason = unloaded_reason(registry, name)
+            entries += [_entry(name, version, False, reason, state) for version in found]
     if ready_only:
         entries = [e for e in entries if e["state"] == "READY"]
     return _json(entries)
@@ -133,9 +147,10 @@ async def load(request: Request) -> Response:
         raise BadRequest("model names are [a-z0-9][a-z0-9_.-]*, at most 64 characters")
     try:
         served = await registry.load(name)
-    except ModelLoadError as exc:
-        problem = describe(exc, registry.repository.root)
-        raise BadRequest(f"model {name} could not be loaded: {problem}") from None
+    except LoadFailed as exc:
+        raise BadRequest(f"model {name} could not be loaded: {exc}") from None
+    except NoRoom as exc:
+        raise ModelNotReady(str(exc), retry_after_s=1) from None
     versions = [str(v) for v in sorted(served.versions)]
     refused = [{"version": str(v), "reason": r} for v, r in sorted(served.refused.items())]
     log.info(

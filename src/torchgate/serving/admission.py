@@ -147,12 +147,15 @@ def admit(
 def admit_all(
     repository: ModelRepository, recall: Callable[[str], RolloutRecord | None]
 ) -> dict[str, Admission]:
-    """Every model of the repository through the gate (start-up); `recall` reads a
-    model's stored rollout decision."""
+    """Every model of the repository loaded at start-up through the gate: each whose
+    `model.toml` says `load = "startup"` (the default) or `"pinned"`; `recall` reads a
+    model's stored rollout decision. Every `model.toml` is read, so that a broken one
+    stops the start-up even when its model loads on demand."""
     names = repository.names()
     if not names:
         raise ModelLoadError(repository.root, "no model folders (each needs a model.toml)")
-    return {name: admit(repository, name, record=recall(name)) for name in names}
+    startup = [name for name in names if repository.read_config(name).load != "on_demand"]
+    return {name: admit(repository, name, record=recall(name)) for name in startup}
 
 
 def _load(

@@ -123,8 +123,8 @@ class Batcher:
         for task in self._tasks:
             await task
         self._tasks.clear()
-        self.expiry.cancel()
-        for pending in self._queue.drain():
+        self.expiry.close()
+        for pending in self._queue.close():
             if not pending.future.done():
                 pending.future.set_exception(Draining())
         for runner in self._runners:
@@ -146,6 +146,11 @@ class Batcher:
     @property
     def accepting(self) -> bool:
         return self._accepting
+
+    @property
+    def idle(self) -> bool:
+        """Whether nothing is queued or being computed (a version may be evicted then)."""
+        return self._queue.rows == 0 and self._busy == 0
 
     def may_wait_long(self) -> bool:
         """Whether a request submitted now may wait over `LONG_WAIT_S` for its forward: a

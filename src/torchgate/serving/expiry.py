@@ -46,10 +46,13 @@ class Expiry:
             heapq.heappop(heap)
             self.on_expired(pending)
 
-    def cancel(self) -> None:
+    def close(self) -> None:
+        """Stop watching; forget the callback (its batcher's: see `RequestQueue.close`)."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        self._heap.clear()
+        self.on_expired = _ignore
 
     def _arm(self, deadline: float, now: float) -> None:
         if self._timer is not None:
@@ -57,3 +60,7 @@ class Expiry:
         self._timer_at = deadline
         loop = asyncio.get_running_loop()
         self._timer = loop.call_later(max(0.0, deadline - now), self.check)
+
+
+def _ignore(pending: Pending) -> None:
+    pass

@@ -31,7 +31,8 @@ class LoadedModel:
     device: torch.device
     modules: list[torch.jit.ScriptModule]
     sha256: str
-    load_bytes: int = 0
+    load_bytes: int = 0  # parameters and buffers (every copy)
+    resident_bytes: int = 0  # and what its forwards allocate: what the memory budget counts
     preprocessor: Preprocessor | None = None  # the model's, shared by its versions
     postprocessor: Postprocessor | None = None
     _pin: bool = field(init=False, default=False)

@@ -104,6 +104,9 @@ class ModelConfig(_Strict):
     labels: tuple[str, ...] | None = None
     default_version: int | Literal["latest"] = "latest"
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+    # startup: loaded at start-up, evictable within the memory budget; on_demand: loaded
+    # on its first request; pinned: loaded at start-up, never evicted (serving/residency.py)
+    load: Literal["startup", "on_demand", "pinned"] = "startup"
     inputs: tuple[TensorSpec, ...] = Field(min_length=1)
     outputs: tuple[TensorSpec, ...] = Field(min_length=1)
     batching: BatchingConfig = BatchingConfig()

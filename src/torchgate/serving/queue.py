@@ -62,12 +62,15 @@ class RequestQueue:
             if self.rows == 0:
                 self._on_empty()
 
-    def drain(self) -> list[Pending]:
-        """Every request still queued, taken out (on shutdown)."""
+    def close(self) -> list[Pending]:
+        """Every request still queued, taken out (on shutdown). The queue calls back no
+        more: its callback is its batcher's, a cycle that would keep the batcher and its
+        model alive until a full collection (a pause of the event loop per eviction)."""
         left = [p for p in self._items if p.queued]
         for pending in left:
             self.forget(pending)
         self._items.clear()
+        self._on_empty = _nothing
         return left
 
     def oldest_wait(self, now: float) -> float:
@@ -134,3 +137,7 @@ class RequestQueue:
             longest = tallest
             real += candidate.length
         return rows
+
+
+def _nothing() -> None:
+    pass

@@ -8,29 +8,37 @@ change (their batcher, breaker and cache) and stops the others. Each model's rol
 decisions are recorded (`rollout_state`) and taken back at start-up and on reload; with a
 store the replicas share, decisions other replicas made are followed every few seconds.
 Each model with a `reference.npz` gets a drift monitor.
+
+Which models are loaded at all, within the memory budget, is its `residency`'s to say:
+the registry loads (`admit`) and removes (`remove`) models when the residency asks, and
+tells it what a model holds and whether it is busy.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from torchgate import memory
 from torchgate.config import Settings
-from torchgate.errors import ModelNotFound
+from torchgate.errors import ModelLoadError, ModelNotFound
 from torchgate.metrics import Metrics
-from torchgate.serving.admission import Admission, AdmissionRefused, admit
+from torchgate.serving.admission import Admission, AdmissionRefused, admit, describe
 from torchgate.serving.batching import Batcher, BatcherOptions
 from torchgate.serving.breaker import BreakerState, CircuitBreaker
+from torchgate.serving.budget import Bytes, Limits
 from torchgate.serving.cache import InferenceCache, VersionCache
 from torchgate.serving.canary import Arm, Canary
 from torchgate.serving.concurrency import ConcurrencyLimit
 from torchgate.serving.drift import DriftMonitor, Reference
+from torchgate.serving.footprint import device_key
 from torchgate.serving.model import LoadedModel
 from torchgate.serving.model_config import MODEL_NAME, ModelConfig
 from torchgate.serving.repository import ModelRepository
+from torchgate.serving.residency import ON_DEMAND, Loaded, LoadFailed, Residency
 from torchgate.serving.rollout_state import RolloutRecord, RolloutState
 from torchgate.serving.rollouts import Rollouts
 from torchgate.serving.runner import Runner
@@ -99,6 +107,14 @@ class ModelRegistry:
         # one load or unload of a model at a time: two concurrent loads would each replace
         # what the other had started, and the superseded versions would never be stopped
         self._locks: dict[str, asyncio.Lock] = {}
+        self.residency = Residency(
+            self,
+            metrics,
+            Limits(settings.model_memory_bytes, settings.gpu_model_memory_bytes),
+            backoff_s=settings.load_backoff_s,
+            backoff_max_s=settings.load_backoff_max_s,
+            concurrent_loads=settings.concurrent_loads,
+        )
 
     # what is served ----------------------------------------------------------------------
 
@@ -148,8 +164,9 @@ class ModelRegistry:
     def default_model(self) -> str:
         if self.settings.default_model:
             return self.settings.default_model
-        if len(self._models) == 1:
-            return next(iter(self._models))
+        known = set(self._models) | set(self.residency.names())
+        if len(known) == 1:
+            return next(iter(known))
         raise ModelNotFound(
             "several models are served and TORCHGATE_DEFAULT_MODEL is not set: "
             "use /v1/models/{name}:predict"
@@ -168,8 +185,65 @@ class ModelRegistry:
     # loading -----------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Follow the decisions other replicas store (when the store is shared)."""
+        """Take stock of the start-up set (it must fit the memory budget: otherwise
+        `ModelLoadError`), learn every other model of the repository and how it asks to be
+        loaded, and follow the decisions other replicas store (when the store is shared)."""
+        for name, served in self._models.items():
+            self.residency.installed(name, self._loaded(served))
+        problems = self.residency.budget.problems()
+        if problems:
+            raise ModelLoadError(self.repository.root, problems[0])
+        for name in self.repository.names():
+            if name in self._models:
+                continue
+            try:
+                config = self.repository.read_config(name)
+            except ModelLoadError as exc:  # changed since start-up's admission: tried on demand
+                why = f"load failed: {describe(exc, self.repository.root)}"
+                self.residency.know(name, ON_DEMAND, 10.0, why)
+                continue
+            # a model.toml that says startup or pinned now but was not admitted at start-up
+            # (it changed meanwhile) loads on demand: waiting for it would keep the pod
+            # unready with nothing to load it
+            self.residency.know(name, ON_DEMAND, self._wait_s(config))
         self.rollouts.start()
+
+    # what the residency asks of the table --------------------------------------------------
+
+    async def estimate(self, name: str) -> Bytes:
+        try:
+            return await asyncio.to_thread(self.repository.estimate, name)
+        except ModelLoadError as exc:
+            raise LoadFailed(describe(exc, self.repository.root)) from None
+
+    async def admit(self, name: str) -> Loaded:
+        """Load a model through the gate and serve it (`load`, without the budget)."""
+        try:
+            async with self._lock(name):
+                served = await self._load(name)
+        except ModelLoadError as exc:
+            raise LoadFailed(describe(exc, self.repository.root)) from None
+        return self._loaded(served)
+
+    async def remove(self, name: str) -> None:
+        """Stop serving a model and release its memory (`unload`, without the budget)."""
+        async with self._lock(name):
+            await self._unload(name)
+
+    def busy(self, name: str) -> bool:
+        served = self._models.get(name)
+        return served is not None and not all(v.batcher.idle for v in served.versions.values())
+
+    def _loaded(self, served: ServedModel) -> Loaded:
+        footprint: Bytes = {}
+        for version in served.versions.values():
+            device = device_key(version.model.device)
+            footprint[device] = footprint.get(device, 0) + version.model.resident_bytes
+        return Loaded(footprint, served.config.load, self._wait_s(served.config))
+
+    def _wait_s(self, config: ModelConfig) -> float:
+        """How long a request waits for the model's load: its queue deadline."""
+        return (self.settings.batch_timeout_ms or config.batching.timeout_ms) / 1000
 
     def install(self, admission: Admission, reference: Reference | None = None) -> ServedModel:
         """Serve what came through the gate (inside the running loop): versions that were
@@ -219,13 +293,13 @@ class ModelRegistry:
         return lock
 
     async def load(self, name: str) -> ServedModel:
-        """(Re)load a model from the repository through the gate (`admission`), without
-        blocking the loop: unchanged versions stay as they are, new and changed ones are
-        judged, and those that fail are not served (`refused`). When nothing can serve the
-        load fails (`AdmissionRefused`) and what is served stays. Loads and unloads of one
-        model run one at a time."""
-        async with self._lock(name):
-            return await self._load(name)
+        """(Re)load a model from the repository through the gate (`admission`), within the
+        memory budget, without blocking the loop: unchanged versions stay as they are, new
+        and changed ones are judged, and those that fail are not served (`refused`). When
+        nothing can serve the load fails (`LoadFailed`) and what is served stays; when the
+        budget has no room, `NoRoom`. Loads and unloads of one model run one at a time."""
+        await self.residency.load(name)
+        return self.get(name)
 
     async def _load(self, name: str) -> ServedModel:
         old = self._models.get(name)
@@ -257,12 +331,17 @@ class ModelRegistry:
         serving: LoadedModel | None,
     ) -> tuple[Admission, Reference | None]:
         """Runs in a thread: the gate, then the model's drift reference."""
-        admission = admit(self.repository, name, record=record, current=current, serving=serving)
+        try:
+            admission = admit(
+                self.repository, name, record=record, current=current, serving=serving
+            )
+        finally:
+            memory.trim()  # what the load read and decoded on the way goes back to the OS
         return admission, Reference.read(self.repository.root / name)
 
     async def unload(self, name: str) -> None:
-        async with self._lock(name):
-            await self._unload(name)
+        """An operator unloads a model: not served (404) until an operator loads it."""
+        await self.residency.unload(name)
 
     async def _unload(self, name: str) -> None:
         served = self.get(name)
@@ -272,9 +351,14 @@ class ModelRegistry:
             served.canary.close()
         if served.drift is not None:
             served.drift.close()
+        watched = [weakref.ref(m) for v in served.versions.values() for m in v.model.modules]
         await self._stop(name, list(served.versions.values()))
         del served
-        memory.release()
+        if not memory.release(watched):
+            log.info(
+                "an unloaded model is still referenced: freed when the last request using it ends",
+                extra={"model": name},
+            )
 
     async def drain(self, timeout_s: float) -> bool:
         results = await asyncio.gather(*(v.batcher.drain(timeout_s) for v in self.versions()))
@@ -285,6 +369,7 @@ class ModelRegistry:
         return self.rollouts.set(self.get(name), weight, version)
 
     async def aclose(self) -> None:
+        await self.residency.aclose()
         for served in list(self._models.values()):
             await self._stop(served.name, list(served.versions.values()), forget=False)
         self._models.clear()
@@ -309,6 +394,7 @@ class ModelRegistry:
         batcher = Batcher(model, options, metrics)
         batcher.start()
         self.metrics.load_bytes.labels(model.name, version).set(model.load_bytes)
+        self.metrics.resident_bytes.labels(model.name, version).set(model.resident_bytes)
         state_gauge = self.metrics.circuit_state.labels(model.name, version)
         state_gauge.set(BreakerState.CLOSED.value)
 
@@ -345,6 +431,7 @@ class ModelRegistry:
         for version in versions:
             await version.batcher.drain(self.settings.drain_timeout_s)
             await version.batcher.aclose()
+            self.metrics.unbind(version.batcher.metrics)
             if version.preprocess is not None:
                 version.preprocess.stop()
             self.cache.drop(version.model)

@@ -30,6 +30,7 @@ from torchgate.processors.factory import (
     sample,
 )
 from torchgate.processors.post import Postprocessor
+from torchgate.serving import footprint
 from torchgate.serving.model import LoadedModel, dummy_inputs, parameter_bytes
 from torchgate.serving.model_config import MODEL_NAME, ModelConfig, TensorSpec
 
@@ -168,8 +169,12 @@ class ModelRepository:
         if pinned is not None and pinned != digest:
             raise ModelLoadError(path, f"SHA-256 {digest} does not match the pinned {pinned}")
         # One copy per runner on a GPU so runners never share a stream; CPU runners share one.
-        copies = (instances or config.batching.instances) if device.type == "cuda" else 1
-        before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+        runners = instances or config.batching.instances
+        copies = runners if device.type == "cuda" else 1
+        before = 0
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            before = torch.cuda.memory_allocated(device)
         # loaded from the very bytes that were hashed: reading the path again would let a
         # file swapped in between be served under the pinned digest
         modules = [self._jit_load(path, data, device) for _ in range(copies)]
@@ -185,8 +190,12 @@ class ModelRepository:
             postprocessor=processors.post,
         )
         self._check_signature(model)
-        gpu_bytes = torch.cuda.memory_allocated(device) - before if device.type == "cuda" else 0
+        gpu_bytes = gpu_peak = 0
+        if device.type == "cuda":
+            gpu_bytes = torch.cuda.memory_allocated(device) - before
+            gpu_peak = torch.cuda.max_memory_allocated(device) - before
         model.load_bytes = max(parameter_bytes(modules[0]) * copies, gpu_bytes)
+        model.resident_bytes = footprint.resident_bytes(model, runners, gpu_peak)
         log.info(
             "model loaded",
             extra={
@@ -194,9 +203,26 @@ class ModelRepository:
                 "version": version,
                 "device": str(device),
                 "load_bytes": model.load_bytes,
+                "resident_bytes": model.resident_bytes,
             },
         )
         return model
+
+    def estimate(self, name: str) -> dict[str, int]:
+        """Bytes a load of the model would hold, by budget (device), before loading it:
+        its versions' files (a TorchScript archive stores its tensors uncompressed), one
+        copy per runner on a GPU. Blocking file reads: call it in a thread."""
+        config = self.read_config(name)
+        device = resolve_device(self.device_spec)
+        copies = config.batching.instances if device.type == "cuda" else 1
+        total = 0
+        for version in self.versions(name):
+            path = self._inside(self.folder(name) / str(version) / "model.pt")
+            try:
+                total += path.stat().st_size * copies
+            except OSError as exc:
+                raise ModelLoadError(path, f"cannot read ({exc.strerror})") from None
+        return {footprint.device_key(device): total}
 
     def _inside(self, path: Path) -> Path:
         resolved = path.resolve()

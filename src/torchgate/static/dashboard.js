@@ -230,8 +230,44 @@ function renderOverview() {
   }
 }
 
+const MIB = 1024 * 1024;
+
+// The resident set: what is loaded now (the latest second), loads and evictions over the
+// last minute.
+function renderResidency() {
+  const latest = samples.length ? samples[samples.length - 1] : null;
+  if (!latest) return;
+  const minute = now || latest;
+  const budget = latest.memory_budget_bytes;
+  setFigure("memory-held", latest.memory_bytes / MIB, 1);
+  setFigure("memory-budget", budget === null ? null : budget / MIB, 1);
+  document.getElementById("memory-held").classList.toggle("over", budget !== null && latest.memory_bytes > budget);
+  const versions = Object.entries(latest.resident).sort((a, b) => b[1] - a[1] || (a[0] < b[0] ? -1 : 1));
+  setFigure("resident-count", versions.length, 0);
+  setFigure("loads", minute.loads, 0);
+  setFigure("evictions", minute.evictions, 0);
+  setFigure("load-failures", minute.load_failures, 0);
+  const list = document.getElementById("resident");
+  list.replaceChildren();
+  if (!versions.length) {
+    const none = document.createElement("span");
+    none.className = "empty";
+    none.textContent = "none";
+    list.append(none);
+  }
+  for (const [name, bytes] of versions) {
+    const chip = document.createElement("span");
+    chip.className = "chip";
+    const size = document.createElement("span");
+    size.textContent = `${fmt(bytes / MIB)} MiB`;
+    chip.append(`${name} `, size);
+    list.append(chip);
+  }
+}
+
 function render() {
   renderOverview();
+  renderResidency();
   const minute = now || {};
   const counts = minute.counts || {};
   const total = CLASSES.reduce((sum, cls) => sum + (counts[cls] || 0), 0);
@@ -267,6 +303,15 @@ function render() {
   drawChart("chart-inflight", [
     { name: "in flight", color: COLORS.line, values: column("inflight") },
   ], { legend: "legend-inflight", minMax: 4, summaries: [`peak ${fmt(peak("inflight"))}`] });
+  const budgets = column("memory_budget_bytes", 1 / MIB);
+  const memorySeries = [{ name: "held", color: COLORS.line, values: column("memory_bytes", 1 / MIB) }];
+  const latestBudget = budgets.length ? budgets[budgets.length - 1] : null;
+  if (latestBudget !== null) memorySeries.push({ name: "budget", color: COLORS.p99, values: budgets });
+  drawChart("chart-memory", memorySeries, {
+    legend: "legend-memory", minMax: 1,
+    summaries: [`peak ${fmt(peak("memory_bytes") === null ? null : peak("memory_bytes") / MIB)} MiB`,
+      `${fmt(latestBudget)} MiB`].slice(0, memorySeries.length),
+  });
   drawChart("chart-cache", [
     { name: "hits", color: COLORS.line, values: column("cache_hit_rate", 100) },
   ], { legend: "legend-cache", fixedMax: 100, summaries: [`${fmt(pct(minute.cache_hit_rate))} %`] });

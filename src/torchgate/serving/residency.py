@@ -1,0 +1,478 @@
+"""`Residency`: which models are loaded, within the memory budget.
+
+Each model's `load` policy (`model.toml`) says when it is loaded: `startup` and `pinned`
+at start-up, `on_demand` on its first request. A request for a model that is not loaded
+starts its load and waits for it within the model's queue deadline; however many requests
+arrive meanwhile, the model is loaded once (single flight). A load goes through the
+registry, so through the same gate as at start-up (`admission`: SHA-256 pin, signature,
+accuracy gate, warm-up), in a thread. A load that fails answers 503 with the reason to
+every request waiting for it, and the next try waits for a back-off that doubles with
+each failure in a row.
+
+A load reserves its estimate in the `MemoryBudget` (the size measured at its last load,
+or its files) before it starts; to make room, the least recently used models are evicted
+(unloaded, their memory released and their cache entries dropped: `registry.remove`).
+Never evicted: a pinned model, a model being loaded, a model whose batchers have requests
+queued or running, and a model a request is using: each request holds the model it
+resolved (`acquire`) until its task ends, so nothing it decoded or queued is ever
+answered by a model that is gone. When nothing can be evicted the load waits, within the
+deadline, for a model to be let go; past it, the request gets 503 with `Retry-After`,
+never an out-of-memory crash. A model measured larger than its estimate once loaded
+makes room the same way, or is unloaded again.
+
+Models are loaded and evicted whole: the gate judges a model's versions against each
+other (the default against the version before it), so they come and go together.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Protocol
+
+from torchgate.errors import ModelNotReady
+from torchgate.metrics import Metrics
+from torchgate.serving.budget import Bytes, Limits, MemoryBudget
+
+log = logging.getLogger("torchgate.residency")
+
+STARTUP, ON_DEMAND, PINNED = "startup", "on_demand", "pinned"  # model.toml's `load`
+ADMIN = "admin"  # a load reason besides the policies: POST /v2/repository/models/{name}/load
+POLL_S = 0.25  # a load waiting for room looks again at least this often
+
+
+class State(Enum):
+    LOADED = "loaded"
+    LOADING = "loading"
+    UNLOADED = "unloaded"
+
+
+class LoadFailed(Exception):
+    """A model that could not be loaded; the message says why, without server paths."""
+
+
+class NoRoom(Exception):
+    """A load the memory budget has no room for."""
+
+
+@dataclass(slots=True)
+class Loaded:
+    """What a load brought in: the bytes it holds and how the model asks to be loaded."""
+
+    footprint: Bytes
+    policy: str
+    wait_s: float
+
+
+class Table(Protocol):
+    """What the residency needs from the table of served models (`ModelRegistry`)."""
+
+    async def estimate(self, name: str) -> Bytes:
+        """What a load of the model would hold, before loading it (raises `LoadFailed`)."""
+        ...
+
+    async def admit(self, name: str) -> Loaded:
+        """Load the model through the gate and serve it (raises `LoadFailed`)."""
+        ...
+
+    async def remove(self, name: str) -> None:
+        """Stop serving the model and release its memory."""
+        ...
+
+    def busy(self, name: str) -> bool:
+        """Whether any version of the model has requests queued or being computed."""
+        ...
+
+
+@dataclass(slots=True)
+class Known:
+    """A model of the repository, loaded or not."""
+
+    policy: str
+    wait_s: float  # how long a request waits for the model's load
+    why: str = "loads on its first request"  # why it is not loaded, when it is not
+    footprint: Bytes = field(default_factory=dict)  # measured at its last load
+    failures: int = 0  # failed loads in a row
+    error: str = ""  # what the last failed load said
+    retry_at: float = 0.0  # after a failed load, no new try before this (clock)
+    loaded_once: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    """Where a model stands, for the index, the model status and readiness."""
+
+    state: State
+    policy: str
+    reason: str = ""  # why it is not loaded
+    footprint: Bytes = field(default_factory=dict)
+
+
+class Residency:
+    """The resident set of one server: built by the registry, driven by requests."""
+
+    def __init__(
+        self,
+        table: Table,
+        metrics: Metrics,
+        limits: Limits,
+        *,
+        clock: Callable[[], float] = time.monotonic,  # for the back-off
+        backoff_s: float = 10.0,
+        backoff_max_s: float = 300.0,
+        concurrent_loads: int = 1,
+    ) -> None:
+        self.budget = MemoryBudget(limits, metrics)
+        # a load takes several times its model's size while it runs (the file read whole,
+        # the archive's reader, the tensors made from them) and the budget counts the
+        # model once: loads take turns, so that only one such peak is ever on top of it
+        self._turns = asyncio.Semaphore(concurrent_loads)
+        self._table = table
+        self._metrics = metrics
+        self._clock = clock
+        self._backoff_s = backoff_s
+        self._backoff_max_s = backoff_max_s
+        self._known: dict[str, Known] = {}
+        self._loads: dict[str, asyncio.Task[None]] = {}
+        self._evictions: dict[str, asyncio.Task[None]] = {}
+        self._holders: dict[str, set[asyncio.Task[object]]] = {}
+        self._no_room: dict[str, Bytes] = {}  # loads waiting for a model to be let go
+        self._changed = asyncio.Event()
+
+    # the catalogue -------------------------------------------------------------------------
+
+    def know(self, name: str, policy: str, wait_s: float, why: str | None = None) -> None:
+        """A model of the repository and how it asks to be loaded."""
+        known = self._known.get(name)
+        if known is None:
+            known = self._known[name] = Known(policy, wait_s)
+        known.policy, known.wait_s = policy, wait_s
+        if why is not None:
+            known.why = why
+
+    def installed(self, name: str, loaded: Loaded) -> None:
+        """A model the registry serves already (the start-up set): now resident."""
+        self.know(name, loaded.policy, loaded.wait_s)
+        self._settle(name, loaded)
+        self._metrics.model_loads.labels(name, STARTUP, "ok").inc()
+
+    def names(self) -> list[str]:
+        return sorted(self._known)
+
+    def status(self, name: str) -> Status | None:
+        """Where a known model stands (None: not a model this server knows)."""
+        known = self._known.get(name)
+        if known is None:
+            return None
+        held = self.budget.footprint(name)
+        if held is not None:
+            return Status(State.LOADED, known.policy, footprint=held)
+        if name in self._loads:
+            return Status(State.LOADING, known.policy)
+        reason = known.why
+        left = known.retry_at - self._clock()
+        if known.failures and left > 0:
+            reason = f"{reason}; next try in {left:.0f} s"
+        return Status(State.UNLOADED, known.policy, reason)
+
+    def unready(self) -> list[str]:
+        """Why the server is not ready as far as models go: a pinned model not loaded, or a
+        start-up model never loaded (an evicted one makes no pod unready)."""
+        problems = []
+        for name, known in sorted(self._known.items()):
+            if name in self.budget:
+                continue
+            if known.policy == PINNED or (known.policy == STARTUP and not known.loaded_once):
+                problems.append(f"{known.policy} model {name} is not loaded")
+        return problems
+
+    # requests ------------------------------------------------------------------------------
+
+    async def acquire(self, name: str) -> None:
+        """Make a known model resident (loading it first if need be, within its deadline)
+        and hold it for the calling task, so that it is not evicted while the request is
+        being served. A name this server does not know is left to the registry (404)."""
+        known = self._known.get(name)
+        if known is None:
+            return
+        self._hold(name)  # even before it is loaded: loaded, it stays until this request ran
+        if self.budget.use(name):
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + known.wait_s
+        waited = False
+        while name not in self.budget:
+            task = self._loads.get(name) or self._start_load(name, known, ON_DEMAND)
+            if not waited:
+                self._metrics.model_load_waits.labels(name).inc()
+                waited = True
+            left = deadline - loop.time()
+            done = (await asyncio.wait({task}, timeout=left))[0] if left > 0 else set()
+            if not done:
+                if name in self._no_room:
+                    raise ModelNotReady(_no_room(name, self._no_room[name]), retry_after_s=1)
+                raise ModelNotReady(
+                    f"model {name} is still loading: waited {known.wait_s:g} s", retry_after_s=1
+                )
+            self._raise_refusal(name, known, task)
+        self.budget.use(name)
+
+    def _raise_refusal(self, name: str, known: Known, task: asyncio.Task[None]) -> None:
+        """A waiter's own error for a load that failed (one exception object per request)."""
+        if task.cancelled():
+            raise ModelNotReady(f"model {name} was not loaded: the server is stopping")
+        exc = task.exception()
+        if exc is None:
+            return
+        retry_after = max(known.retry_at - self._clock(), 1.0)
+        if isinstance(exc, NoRoom):
+            raise ModelNotReady(str(exc), retry_after_s=retry_after)
+        raise ModelNotReady(f"model {name} could not be loaded: {exc}", retry_after_s=retry_after)
+
+    def _hold(self, name: str) -> None:
+        if not self.budget.limits.bounded:
+            return  # nothing is ever evicted
+        task = asyncio.current_task()
+        if task is None:
+            return
+        holders = self._holders.setdefault(name, set())
+        if task not in holders:
+            holders.add(task)
+            task.add_done_callback(functools.partial(self._let_go, name))
+
+    def _let_go(self, name: str, task: asyncio.Task[object]) -> None:
+        holders = self._holders.get(name)
+        if holders is not None:
+            holders.discard(task)
+            if not holders:
+                del self._holders[name]
+                self._notify()
+
+    # operators ---------------------------------------------------------------------------
+
+    async def load(self, name: str) -> None:
+        """An operator loads (or reloads) a model now, within the budget, whatever its
+        back-off; raises `LoadFailed` or `NoRoom` when it cannot."""
+        running = self._loads.get(name)
+        if running is not None:
+            await asyncio.wait({running})
+        fresh = name not in self._known
+        known = self._known.setdefault(name, Known(ON_DEMAND, 10.0))
+        known.failures, known.retry_at = 0, 0.0
+        task = self._start_load(name, known, ADMIN)
+        await asyncio.wait({task})
+        if fresh and task.exception() is not None:
+            del self._known[name]  # still not a model this server knows: 404s stay 404s
+        task.result()
+
+    async def unload(self, name: str) -> None:
+        """An operator unloads a model: it is not loaded again until an operator loads it
+        (requests for it get 404, as for any model not served)."""
+        running = self._loads.get(name)
+        if running is not None:
+            await asyncio.wait({running})
+        known = self._known.pop(name, None)
+        if name not in self.budget and known is not None:
+            return  # known, not loaded: now not known either
+        self.budget.evicting(name)  # (not known at all: the registry's 404)
+        try:
+            await self._table.remove(name)
+        finally:
+            self.budget.freed(name)
+            self._notify()
+
+    async def aclose(self) -> None:
+        """Stop loads in progress (their threads finish on their own); let evictions under
+        way finish (they take no longer than stopping an idle batcher)."""
+        loads = list(self._loads.values())
+        for task in loads:
+            task.cancel()
+        await asyncio.gather(*loads, *self._evictions.values(), return_exceptions=True)
+
+    # loading -----------------------------------------------------------------------------
+
+    def _start_load(self, name: str, known: Known, reason: str) -> asyncio.Task[None]:
+        left = known.retry_at - self._clock()
+        if known.failures and left > 0:
+            raise ModelNotReady(
+                f"model {name} could not be loaded: {known.error}; next try in {left:.0f} s",
+                retry_after_s=left,
+            )
+        task = asyncio.create_task(self._load(name, known, reason), name=f"load-{name}")
+        self._loads[name] = task
+        task.add_done_callback(functools.partial(self._load_done, name))
+        return task
+
+    def _load_done(self, name: str, task: asyncio.Task[None]) -> None:
+        if self._loads.get(name) is task:
+            del self._loads[name]
+        if not task.cancelled():
+            task.exception()  # seen here: each waiter raises its own error from it
+        self._notify()
+
+    async def _load(self, name: str, known: Known, reason: str) -> None:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            async with self._turns:
+                estimate = await self._table.estimate(name)
+                held = self.budget.footprint(name)
+                if held is not None:
+                    # a reload keeps the versions that did not change: it needs room for
+                    # what it adds (a new version, typically), counted from its files
+                    estimate = {d: max(v - held.get(d, 0), 0) for d, v in estimate.items()}
+                else:
+                    for device, size in known.footprint.items():  # measured last time
+                        estimate[device] = max(estimate.get(device, 0), size)
+                await self._make_room(name, estimate, started + known.wait_s)
+                try:
+                    loaded = await self._table.admit(name)
+                finally:
+                    self.budget.unreserve(name)
+        except NoRoom as exc:
+            self._metrics.model_loads.labels(name, reason, "no_room").inc()
+            log.warning("no room to load the model", extra={"model": name, "error": str(exc)})
+            raise
+        except LoadFailed as exc:
+            self._failed(name, known, reason, str(exc))
+            raise
+        except Exception as exc:  # a bug or an unforeseen failure: answered as a failed load
+            log.exception("model load failed unexpectedly", extra={"model": name})
+            self._failed(name, known, reason, f"{type(exc).__name__}: {exc}")
+            raise LoadFailed(str(exc)) from None
+        self._settle(name, loaded)
+        known.failures, known.retry_at = 0, 0.0
+        await self._fit(name, loaded.footprint, reason)
+        seconds = loop.time() - started
+        self._metrics.model_loads.labels(name, reason, "ok").inc()
+        self._metrics.model_load_seconds.labels(name).observe(seconds)
+        log.info(
+            "load finished",
+            extra={
+                "model": name,
+                "reason": reason,
+                "seconds": round(seconds, 3),
+                "bytes": sum(loaded.footprint.values()),
+            },
+        )
+
+    def _settle(self, name: str, loaded: Loaded) -> None:
+        known = self._known[name]
+        known.policy, known.wait_s = loaded.policy, loaded.wait_s
+        known.footprint = dict(loaded.footprint)
+        known.loaded_once = True
+        self.budget.loaded(name, loaded.footprint)
+
+    def _failed(self, name: str, known: Known, reason: str, why: str) -> None:
+        known.failures += 1
+        backoff = min(self._backoff_s * 2 ** (known.failures - 1), self._backoff_max_s)
+        known.retry_at = self._clock() + backoff
+        known.error = why
+        known.why = f"load failed: {why}"
+        self._metrics.model_loads.labels(name, reason, "failed").inc()
+        log.warning(
+            "model load failed",
+            extra={"model": name, "reason": reason, "error": why, "retry_in_s": backoff},
+        )
+
+    # room --------------------------------------------------------------------------------
+
+    async def _make_room(self, name: str, need: Bytes, deadline: float) -> None:
+        """Reserve `need` for a load: evict what it takes, wait (until `deadline`) while
+        what could make room is in use, and return once it fits."""
+        try:
+            while over := self.budget.over(need):
+                if await self._evict_for(name, over):
+                    continue
+                never = self.budget.never_fits(name, need, self._pinned)
+                if never is not None:
+                    raise NoRoom(never)
+                left = deadline - asyncio.get_running_loop().time()
+                if left <= 0:
+                    raise NoRoom(_no_room(name, need))
+                self._no_room[name] = need
+                await self._wait_change(min(left, POLL_S))
+        finally:
+            self._no_room.pop(name, None)
+        self.budget.reserve(name, need)
+
+    async def _fit(self, name: str, footprint: Bytes, reason: str) -> None:
+        """A loaded model measured larger than its estimate: make room, or unload it."""
+        while over := self.budget.over({}):
+            if await self._evict_for(name, over):
+                continue
+            log.warning(
+                "the model is larger than its estimate and nothing can make room: unloaded",
+                extra={"model": name, "bytes": sum(footprint.values())},
+            )
+            self._evict(name, counted=False)
+            await asyncio.wait({self._evictions[name]})
+            self._known[name].why = "did not fit the memory budget at its last load"
+            self._metrics.model_loads.labels(name, reason, "no_room").inc()
+            raise NoRoom(_no_room(name, footprint))
+
+    async def _evict_for(self, name: str, over: Mapping[str, int]) -> bool:
+        """Evict what covers `over` and wait until its memory is released: first what is
+        being evicted already. Whether anything was (or is being) evicted."""
+        if not self._evictions:
+            victims = self.budget.victims(over, self._evictable, exclude=name)
+            for victim in victims or ():
+                self._evict(victim)
+        if not self._evictions:
+            return False
+        await asyncio.wait(list(self._evictions.values()))
+        return True
+
+    def _pinned(self, name: str) -> bool:
+        known = self._known.get(name)
+        return known is not None and known.policy == PINNED
+
+    def _evictable(self, name: str) -> bool:
+        known = self._known.get(name)
+        if known is None or known.policy == PINNED or name in self._loads:
+            return False
+        return not self._holders.get(name) and not self._table.busy(name)
+
+    def _evict(self, name: str, *, counted: bool = True) -> None:
+        held = self.budget.evicting(name)
+        self._evictions[name] = asyncio.create_task(
+            self._remove(name, held, counted), name=f"evict-{name}"
+        )
+
+    async def _remove(self, name: str, held: Bytes, counted: bool) -> None:
+        try:
+            await self._table.remove(name)
+        except Exception:  # out of the table whatever failed after: it is gone
+            log.exception("evicting the model failed", extra={"model": name})
+        finally:
+            self.budget.freed(name)
+            self._evictions.pop(name, None)
+            known = self._known.get(name)
+            if counted:
+                if known is not None:
+                    known.why = "evicted to make room (least recently used)"
+                self._metrics.model_evictions.labels(name).inc()
+                log.info("model evicted", extra={"model": name, "bytes": sum(held.values())})
+            self._notify()
+
+    def _notify(self) -> None:
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    async def _wait_change(self, timeout_s: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._changed.wait(), timeout_s)
+
+
+def _no_room(name: str, need: Mapping[str, int]) -> str:
+    size = sum(need.values())
+    return (
+        f"no room to load model {name} (about {size / 2**20:.1f} MiB): every model that "
+        "could be evicted to make room is in use; try again shortly"
+    )
