@@ -231,6 +231,55 @@ def cell(
     }
 
 
+def measure(
+    duration: int, models: int = 40, holds: int = 8, connections: int = 16
+) -> list[dict[str, object]]:
+    """The two cells, a budget holding `holds` models against none; for `make bench`."""
+    args = argparse.Namespace(
+        duration=duration, models=models, holds=holds, connections=connections
+    )
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="torchgate-residency-") as tmp:
+        repo = Path(tmp) / "models"
+        size = make_repository(repo, models)
+        paths = Path(tmp) / "paths.txt"
+        sample = zipf_sample(50_000, models)
+        paths.write_text("".join(f"/v1/models/m{n:02d}:predict\n" for n in sample))
+        budget = holds * size + size // 2
+        return [
+            {**cell(f"budget-{holds}", repo, paths, args, budget), "model_bytes": size},
+            {**cell("no-budget", repo, paths, args, None), "model_bytes": size},
+        ]
+
+
+def table(cells: list[dict[str, object]]) -> str:
+    first = cells[0]
+    lines = [
+        f"{first['models']} models of {first['model_bytes'] / 2**20:.1f} MiB, Zipf s=1.1, "
+        f"c={first['connections']}",
+        "| cell | rps | p50 ms | p99 ms | waited for a load | loads | evictions | peak held MiB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for c in cells:
+        budget_mib = "" if c["budget_bytes"] is None else f" of {c['budget_bytes'] / 2**20:.1f}"
+        lines.append(
+            f"| {c['cell']} | {c['rps']:,.0f} | {c['p50_ms']:.2f} | {c['p99_ms']:.1f} "
+            f"| {c['waited_share']:.1%} | {c['loads']:.0f} | {c['evictions']:.0f} "
+            f"| {c['peak_held_bytes'] / 2**20:.1f}{budget_mib} |"
+        )
+    return "\n".join(lines)
+
+
+def problems(cells: list[dict[str, object]]) -> list[str]:
+    """A line for each cell with an answer not 200, a socket error or a wrong answer."""
+    return [
+        f"{c['cell']}: {c['non200']} answers not 200, {c['socket_errors']} socket errors, "
+        f"wrong: {c['wrong_answers'][:3]}"
+        for c in cells
+        if c["non200"] or c["socket_errors"] or c["wrong_answers"]
+    ]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=int, default=15, help="seconds of load per cell")
@@ -241,38 +290,12 @@ def main() -> int:
     if shutil.which("wrk") is None:
         print("wrk is not installed (apt-get install -y wrk)", file=sys.stderr)
         return 2
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="torchgate-residency-") as tmp:
-        repo = Path(tmp) / "models"
-        size = make_repository(repo, args.models)
-        paths = Path(tmp) / "paths.txt"
-        sample = zipf_sample(50_000, args.models)
-        paths.write_text("".join(f"/v1/models/m{n:02d}:predict\n" for n in sample))
-        budget = args.holds * size + size // 2
-        cells = [
-            cell(f"budget-{args.holds}", repo, paths, args, budget),
-            cell("no-budget", repo, paths, args, None),
-        ]
+    cells = measure(args.duration, args.models, args.holds, args.connections)
     (RESULTS / "residency.json").write_text(json.dumps(cells, indent=2) + "\n")
-    print(f"{args.models} models of {size / 2**20:.1f} MiB, Zipf s=1.1, c={args.connections}")
-    print(
-        "| cell | rps | p50 ms | p99 ms | waited for a load | loads | evictions | peak held MiB |"
-    )
-    print("|---|---|---|---|---|---|---|---|")
-    for c in cells:
-        budget_mib = "" if c["budget_bytes"] is None else f" of {c['budget_bytes'] / 2**20:.1f}"
-        print(
-            f"| {c['cell']} | {c['rps']:,.0f} | {c['p50_ms']:.2f} | {c['p99_ms']:.1f} "
-            f"| {c['waited_share']:.1%} | {c['loads']:.0f} | {c['evictions']:.0f} "
-            f"| {c['peak_held_bytes'] / 2**20:.1f}{budget_mib} |"
-        )
-    bad = [c for c in cells if c["non200"] or c["socket_errors"] or c["wrong_answers"]]
-    for c in bad:
-        print(
-            f"{c['cell']}: {c['non200']} answers not 200, {c['socket_errors']} socket errors, "
-            f"wrong: {c['wrong_answers'][:3]}",
-            file=sys.stderr,
-        )
+    print(table(cells))
+    bad = problems(cells)
+    for line in bad:
+        print(line, file=sys.stderr)
     return 1 if bad else 0
 
 

@@ -48,6 +48,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import residency
 import torch
 from cells import Plan, measure_cache, measure_main, measure_v2
 from images import measure_images
@@ -152,6 +153,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--overload-cell", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument(
         "--overload-seconds", type=_positive, help="seconds per overload step (15; --quick 3)"
+    )
+    p.add_argument(
+        "--residency-cell",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="40 models under Zipf traffic, a budget holding 8 against none (bench/residency.py)",
     )
     p.add_argument(
         "--cost",
@@ -269,6 +276,18 @@ def bench(args: argparse.Namespace) -> int:
                         {"rate_limited": rate_limited, "steps": [step_dict(s) for s in steps]}
                     )
                     checks += checked
+    many: list[dict[str, Any]] = []
+    if args.residency_cell:
+        print("-- many models: 40 under Zipf traffic, a budget of 8 against none", flush=True)
+        many = residency.measure(seconds)
+        bad = residency.problems(many)
+        checks.append(
+            Target(
+                "many models: every answer 200 and right",
+                "FAIL" if bad else "PASS",
+                "; ".join(bad) or f"{sum(int(c['requests']) for c in many):,} requests",
+            )
+        )
     costs = in_process_costs(args.quick) if args.cost else {}
 
     ratio = ratios(cells, in_process, concurrency)
@@ -279,6 +298,8 @@ def bench(args: argparse.Namespace) -> int:
     print(ratio_lines(ratio, in_process, plan.rounds))
     print(pair_lines(cells))
     print(peer_lines(cells))
+    if many:
+        print(residency.table(many))
     for label, value in costs.items():
         print(f"digits in process: a {label} costs {value:.1f} us of the event loop")
     print()
@@ -311,6 +332,7 @@ def bench(args: argparse.Namespace) -> int:
         "checks": [t.as_dict() for t in checks],
         "overload": overload,
         "in_process_cost_us": costs,
+        "many_models": many,
         "targets": [t.as_dict() for t in verdicts],
     }
     (RESULTS / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
