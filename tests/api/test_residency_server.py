@@ -413,6 +413,21 @@ def test_index_status_and_readiness_show_loaded_loading_and_unloaded(tmp_path: P
         assert metric(text, "torchgate_model_memory_budget_bytes", device="cpu") == 2**20
 
 
+def test_v2_metadata_and_config_of_an_unloaded_model_load_it(tmp_path: Path, make_settings):
+    # tritonclient asks for a model's metadata before it infers: an on-demand model is
+    # loaded for it, as for a request, rather than answered 404
+    save(tmp_path, "later", Weighted(3.0, 1024), toml())
+    settings = make_settings(models=tmp_path, model_memory_bytes=2**20)
+    with ServerThread(settings) as server, httpx.Client(base_url=server.url, timeout=60) as c:
+        assert c.get("/v1/models/later").json()["residency"] == "unloaded"
+        meta = c.get("/v2/models/later")
+        assert meta.status_code == 200, meta.text
+        assert meta.json()["name"] == "later" and meta.json()["inputs"][0]["name"] == "x"
+        assert c.get("/v1/models/later").json()["residency"] == "loaded"
+        assert c.get("/v2/models/later/config").json()["name"] == "later"
+        assert c.get("/v2/models/nothing").status_code == 404
+
+
 def test_a_start_up_set_over_the_budget_refuses_to_start(tmp_path: Path):
     for name in ("a", "b"):
         save(tmp_path, name, Weighted(1.0, 256 * 1024), toml("startup"))

@@ -76,18 +76,22 @@ def model_metadata(served: ServedModel) -> dict[str, Any]:
 
 
 async def metadata(request: Request) -> Response:
-    """`GET /v2/models/{name}[/versions/{version}]`."""
+    """`GET /v2/models/{name}[/versions/{version}]`; a model loaded on demand is loaded
+    first, as for a request (clients ask for metadata before they infer)."""
     params = context(request).params
     registry = inference.registry_of(request)
+    await registry.residency.acquire(params["name"])
     if "version" in params:
         registry.resolve(params["name"], params["version"])
     return _json(model_metadata(registry.get(params["name"])))
 
 
 async def config(request: Request) -> Response:
-    """`GET /v2/models/{name}[/versions/{version}]/config`, in Triton's shape."""
+    """`GET /v2/models/{name}[/versions/{version}]/config`, in Triton's shape (a model
+    loaded on demand is loaded first)."""
     params = context(request).params
     registry = inference.registry_of(request)
+    await registry.residency.acquire(params["name"])
     served = registry.resolve(params["name"], params.get("version"))
     return _json(v2_stats.model_config(registry.get(params["name"]), served))
 
