@@ -32,14 +32,14 @@ from torchgate.edge.limits import RateLimitMiddleware
 from torchgate.edge.metrics import MetricsMiddleware
 from torchgate.edge.shedding import Shedder
 from torchgate.keys import KeyStore
+from torchgate.lifecycle.drift import DriftScorer
+from torchgate.lifecycle.rollout_state import RolloutState, open_store
 from torchgate.metrics import Metrics
 from torchgate.periodic import Periodic
 from torchgate.serving.admission import Admission, admit_all
 from torchgate.serving.cache import InferenceCache
-from torchgate.serving.drift import DriftScorer
 from torchgate.serving.registry import ModelRegistry
 from torchgate.serving.repository import ModelRepository
-from torchgate.serving.rollout_state import RolloutState, open_store
 from torchgate.serving.service import InferenceService
 
 log = logging.getLogger("torchgate")

@@ -25,8 +25,8 @@ from torchgate.errors import ModelLoadError
 from torchgate.keys import KeyFileError, KeyStore, key_file_entry, new_key
 
 if TYPE_CHECKING:
+    from torchgate.lifecycle.validation import GateResult
     from torchgate.serving.model_config import ValidationConfig
-    from torchgate.serving.validation import GateResult
 
 log = logging.getLogger("torchgate")
 
@@ -171,10 +171,10 @@ def _run(settings: Settings, listener: socket.socket) -> int:
     import torch
 
     from torchgate.app import create_app, torch_threads  # torch is imported here, not at --help
+    from torchgate.lifecycle.rollout_state import RolloutState, open_store
     from torchgate.protocol import BoundedHttpTools
     from torchgate.serving.admission import admit_all
     from torchgate.serving.repository import ModelRepository
-    from torchgate.serving.rollout_state import RolloutState, open_store
 
     torch.set_num_threads(torch_threads(settings))
     repository = ModelRepository(settings.models, settings.device, max_tokens=settings.max_tokens)
@@ -261,7 +261,7 @@ def _validate_parser(sub: argparse._SubParsersAction) -> None:
 
 def validate(args: argparse.Namespace) -> int:
     """Run one version on its model's validation rows, on CPU; 0 pass, 1 fail, 2 misuse."""
-    from torchgate.serving import validation
+    from torchgate.lifecycle import validation
     from torchgate.serving.model_config import ValidationConfig
     from torchgate.serving.repository import ModelRepository
 

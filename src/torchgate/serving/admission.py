@@ -26,11 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from torchgate.errors import ModelLoadError
-from torchgate.serving.model import LoadedModel
-from torchgate.serving.model_config import ModelConfig
-from torchgate.serving.repository import ModelFolder, ModelRepository
-from torchgate.serving.rollout_state import RolloutRecord
-from torchgate.serving.validation import (
+from torchgate.lifecycle.rollout_state import RolloutRecord
+from torchgate.lifecycle.validation import (
     FILE,
     Evaluation,
     ValidationError,
@@ -39,6 +36,9 @@ from torchgate.serving.validation import (
     forward_failed,
     judge,
 )
+from torchgate.serving.model import LoadedModel
+from torchgate.serving.model_config import ModelConfig
+from torchgate.serving.repository import ModelFolder, ModelRepository
 
 log = logging.getLogger("torchgate.admission")
 

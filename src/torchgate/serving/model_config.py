@@ -73,7 +73,7 @@ class ValidationConfig(_Strict):
 class CanaryConfig(_Strict):
     """A canary rollout: `version` takes `weight` of the requests that name no version,
     stepping up through `steps` while it is not measurably worse than the stable version
-    (`serving.canary_gates`); rolled back when it is."""
+    (`lifecycle.canary_gates`); rolled back when it is."""
 
     version: int = Field(ge=0)
     weight: float = Field(0.1, ge=0, le=1)

@@ -25,22 +25,22 @@ from dataclasses import dataclass, field
 from torchgate import memory
 from torchgate.config import Settings
 from torchgate.errors import ModelLoadError, ModelNotFound
+from torchgate.lifecycle.canary import Arm, Canary
+from torchgate.lifecycle.drift import DriftMonitor, Reference
+from torchgate.lifecycle.rollout_state import RolloutRecord, RolloutState
+from torchgate.lifecycle.rollouts import Rollouts
 from torchgate.metrics import Metrics
 from torchgate.serving.admission import Admission, AdmissionRefused, admit, describe
 from torchgate.serving.batching import Batcher, BatcherOptions
 from torchgate.serving.breaker import BreakerState, CircuitBreaker
 from torchgate.serving.budget import Bytes, Limits
 from torchgate.serving.cache import InferenceCache, VersionCache
-from torchgate.serving.canary import Arm, Canary
 from torchgate.serving.concurrency import ConcurrencyLimit
-from torchgate.serving.drift import DriftMonitor, Reference
 from torchgate.serving.footprint import device_key
 from torchgate.serving.model import LoadedModel
 from torchgate.serving.model_config import MODEL_NAME, ModelConfig
 from torchgate.serving.repository import ModelRepository
 from torchgate.serving.residency import ON_DEMAND, Loaded, LoadFailed, Residency
-from torchgate.serving.rollout_state import RolloutRecord, RolloutState
-from torchgate.serving.rollouts import Rollouts
 from torchgate.serving.runner import Runner
 
 log = logging.getLogger("torchgate.registry")

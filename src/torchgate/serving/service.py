@@ -24,10 +24,10 @@ from torchgate.errors import (
     Draining,
     InferenceFailed,
 )
+from torchgate.lifecycle.canary import Arm
 from torchgate.metrics import Metrics
 from torchgate.processors.text import TextProcessor
 from torchgate.serving.cache import CachePolicy
-from torchgate.serving.canary import Arm
 from torchgate.serving.execution import BatchResult
 from torchgate.serving.registry import ModelRegistry, ServedVersion
 from torchgate.serving.scores import top_classes

@@ -42,11 +42,11 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
+from torchgate.lifecycle.canary_gates import CanaryGates, Window
+from torchgate.lifecycle.rollout_state import RolloutRecord, now_iso
 from torchgate.metrics import Metrics
 from torchgate.serving.blame import CallerSpread
-from torchgate.serving.canary_gates import CanaryGates, Window
 from torchgate.serving.model_config import CanaryConfig
-from torchgate.serving.rollout_state import RolloutRecord, now_iso
 
 log = logging.getLogger("torchgate.canary")
 
