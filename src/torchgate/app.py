@@ -21,7 +21,6 @@ from torchgate.api import admin, dashboard, health, openai, v1, v2, v2_repositor
 from torchgate.api.routes import RouteTable
 from torchgate.api.textguard import TextPolicy
 from torchgate.config import Settings
-from torchgate.dashboard import Sampler
 from torchgate.edge.auth import AuthMiddleware
 from torchgate.edge.body import BodyLimitMiddleware
 from torchgate.edge.capacity import CapacityMiddleware
@@ -36,6 +35,7 @@ from torchgate.lifecycle.drift import DriftScorer
 from torchgate.lifecycle.rollout_state import RolloutState, open_store
 from torchgate.metrics import Metrics
 from torchgate.periodic import Periodic
+from torchgate.sampler import Sampler
 from torchgate.serving.admission import Admission, admit_all
 from torchgate.serving.cache import InferenceCache
 from torchgate.serving.registry import ModelRegistry

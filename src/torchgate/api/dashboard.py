@@ -21,8 +21,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from torchgate.api.routes import Policy, route
-from torchgate.dashboard import Sampler
 from torchgate.errors import BadRequest
+from torchgate.sampler import Sampler
 
 _SCRIPT_TAG = '<script src="dashboard.js"></script>'
 _STYLE = re.compile(r"<style>(.*?)</style>", re.DOTALL)
