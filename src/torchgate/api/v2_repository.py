@@ -19,14 +19,13 @@ import asyncio
 import logging
 from typing import Any
 
-import orjson
 from starlette.requests import Request
-from starlette.responses import Response
 
 from torchgate.api.body import V2_TYPES, read_body
 from torchgate.api.codec import parse_json
 from torchgate.api.routes import Policy, admin_only, route
 from torchgate.edge.context import context
+from torchgate.edge.responses import Answer, json_answer
 from torchgate.errors import BadRequest, Forbidden, ModelLoadError, ModelNotReady
 from torchgate.serving.model_config import MODEL_NAME
 from torchgate.serving.registry import ModelRegistry
@@ -34,10 +33,6 @@ from torchgate.serving.repository import ModelRepository
 from torchgate.serving.residency import LoadFailed, NoRoom, State
 
 log = logging.getLogger("torchgate.repository")
-
-
-def _json(body: object) -> Response:
-    return Response(orjson.dumps(body), media_type="application/json")
 
 
 def _valid_name(name: str) -> bool:
@@ -94,7 +89,7 @@ def unloaded_reason(registry: ModelRegistry, name: str) -> tuple[str, str]:
 
 
 @admin_only
-async def index(request: Request) -> Response:
+async def index(request: Request) -> Answer:
     """`POST /v2/repository/index`: models in the repository and their state."""
     registry: ModelRegistry = request.app.state.registry
     ready_only = (await _payload(request)).get("ready", False)
@@ -121,7 +116,7 @@ async def index(request: Request) -> Response:
             entries += [_entry(name, version, False, reason, state) for version in found]
     if ready_only:
         entries = [e for e in entries if e["state"] == "READY"]
-    return _json(entries)
+    return json_answer(entries)
 
 
 def _allow_model_control(request: Request) -> None:
@@ -133,7 +128,7 @@ def _allow_model_control(request: Request) -> None:
 
 
 @admin_only
-async def load(request: Request) -> Response:
+async def load(request: Request) -> Answer:
     """`POST /v2/repository/models/{name}/load`: load or reload a model."""
     name = context(request).params["name"]
     registry: ModelRegistry = request.app.state.registry
@@ -157,7 +152,7 @@ async def load(request: Request) -> Response:
         "model loaded on request",
         extra={"model": name, "versions": versions, "refused": [r["version"] for r in refused]},
     )
-    return _json(
+    return json_answer(
         {
             "name": name,
             "versions": versions,
@@ -170,14 +165,14 @@ async def load(request: Request) -> Response:
 
 
 @admin_only
-async def unload(request: Request) -> Response:
+async def unload(request: Request) -> Answer:
     """`POST /v2/repository/models/{name}/unload`: unload a model."""
     name = context(request).params["name"]
     registry: ModelRegistry = request.app.state.registry
     _allow_model_control(request)
     await registry.unload(name)
     log.info("model unloaded on request", extra={"model": name})
-    return _json({"name": name, "state": "UNAVAILABLE"})
+    return json_answer({"name": name, "state": "UNAVAILABLE"})
 
 
 ROUTES = [
