@@ -28,6 +28,8 @@ import redis.asyncio as aioredis
 from cachetools import TTLCache
 
 from torchgate.errors import ClientDisconnected
+from torchgate.failopen import RETRY_S as SHARED_RETRY_S
+from torchgate.failopen import FailOpen
 from torchgate.metrics import Metrics
 from torchgate.serving.model import LoadedModel
 
@@ -35,7 +37,6 @@ log = logging.getLogger("torchgate.cache")
 
 Row = list[np.ndarray]  # one row's outputs, each with a leading dim of 1
 Compute = Callable[[list[np.ndarray], int], Awaitable[list[np.ndarray]]]
-SHARED_RETRY_S = 1.0
 
 
 class CachePolicy(Enum):
@@ -170,23 +171,29 @@ class SharedTier:
         self.client = aioredis.Redis.from_url(url, socket_connect_timeout=0.25, socket_timeout=0.25)
         self.metrics = metrics
         self.clock = clock
-        self._retry_at = 0.0
+        self._backend = FailOpen(
+            metrics.cache_backend_errors,
+            log,
+            "shared cache failed; serving without it",
+            retry_s=SHARED_RETRY_S,
+            clock=clock,
+        )
 
     @staticmethod
     def _key(key: bytes) -> str:
         return "torchgate:row:" + key.hex()
 
     async def get_many(self, keys: list[bytes]) -> list[bytes | None]:
-        if not keys or self.clock() < self._retry_at:
+        if not keys or not self._backend.up:
             return [None] * len(keys)
         try:
             return await self.client.mget([self._key(k) for k in keys])
         except Exception as exc:  # any Redis failure: serve without the shared tier
-            self._failed(exc)
+            self._backend.failed(repr(exc))
             return [None] * len(keys)
 
     async def put_many(self, items: list[tuple[bytes, bytes]], ttl_s: float) -> None:
-        if not items or self.clock() < self._retry_at:
+        if not items or not self._backend.up:
             return
         try:
             async with self.client.pipeline(transaction=False) as pipe:
@@ -194,13 +201,7 @@ class SharedTier:
                     pipe.set(self._key(key), blob, px=max(1, int(ttl_s * 1000)))
                 await pipe.execute()
         except Exception as exc:
-            self._failed(exc)
-
-    def _failed(self, exc: Exception) -> None:
-        self.metrics.cache_backend_errors.inc()
-        if self.clock() - self._retry_at > 5:
-            log.warning("shared cache failed; serving without it", extra={"error": repr(exc)})
-        self._retry_at = self.clock() + SHARED_RETRY_S
+            self._backend.failed(repr(exc))
 
     async def aclose(self) -> None:
         await self.client.aclose()
