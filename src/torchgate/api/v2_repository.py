@@ -27,16 +27,12 @@ from torchgate.api.routes import Policy, admin_only, route
 from torchgate.edge.context import context
 from torchgate.edge.responses import Answer, json_answer
 from torchgate.errors import BadRequest, Forbidden, ModelLoadError, ModelNotReady
-from torchgate.serving.model_config import MODEL_NAME
+from torchgate.serving.model_config import requestable_name
 from torchgate.serving.registry import ModelRegistry
 from torchgate.serving.repository import ModelRepository
 from torchgate.serving.residency import LoadFailed, NoRoom, State
 
 log = logging.getLogger("torchgate.repository")
-
-
-def _valid_name(name: str) -> bool:
-    return len(name) <= 64 and MODEL_NAME.match(name) is not None
 
 
 def _folders(repository: ModelRepository) -> dict[str, list[str] | str]:
@@ -56,7 +52,7 @@ def _folders(repository: ModelRepository) -> dict[str, list[str] | str]:
 
 async def on_disk(registry: ModelRegistry, name: str) -> bool:
     """Whether the repository folder holds a model of this name (loaded or not)."""
-    if not _valid_name(name):
+    if not requestable_name(name):
         return False
     try:
         return name in await asyncio.to_thread(registry.repository.names)
@@ -138,7 +134,7 @@ async def load(request: Request) -> Answer:
         raise BadRequest('"parameters" must be an object')
     if any(k == "config" or str(k).startswith("file:") for k in parameters):
         raise BadRequest("loading with a config or files sent in the request is not supported")
-    if not _valid_name(name):
+    if not requestable_name(name):
         raise BadRequest("model names are [a-z0-9][a-z0-9_.-]*, at most 64 characters")
     try:
         served = await registry.load(name)

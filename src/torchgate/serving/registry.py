@@ -38,7 +38,7 @@ from torchgate.serving.cache import InferenceCache, VersionCache
 from torchgate.serving.concurrency import ConcurrencyLimit
 from torchgate.serving.footprint import device_key
 from torchgate.serving.model import LoadedModel
-from torchgate.serving.model_config import MODEL_NAME, ModelConfig
+from torchgate.serving.model_config import ModelConfig, requestable_name
 from torchgate.serving.repository import ModelRepository
 from torchgate.serving.residency import ON_DEMAND, Loaded, LoadFailed, Residency
 from torchgate.serving.runner import Runner
@@ -127,7 +127,7 @@ class ModelRegistry:
     def get(self, name: str) -> ServedModel:
         served = self._models.get(name)
         if served is None:
-            shown = name if MODEL_NAME.match(name) and len(name) <= 64 else "(invalid name)"
+            shown = name if requestable_name(name) else "(invalid name)"
             raise ModelNotFound(f"unknown model {shown}")
         return served
 
