@@ -22,7 +22,7 @@ import uvicorn
 from torchgate import __version__, logs, problems
 from torchgate.config import RATE_PATTERN, Settings
 from torchgate.errors import ModelLoadError
-from torchgate.keys import KeyFileError, KeyStore, key_file_entry, new_key
+from torchgate.keys import KeyFileError, KeyStore, is_key_name, key_file_entry, new_key
 
 if TYPE_CHECKING:
     from torchgate.lifecycle.validation import GateResult
@@ -220,7 +220,7 @@ def _keys_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def keys(args: argparse.Namespace) -> int:
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}", args.name):
+    if not is_key_name(args.name):
         return _fail("--name: letters, digits and _.@- only, at most 64")
     if args.rate_limit and not re.match(RATE_PATTERN, args.rate_limit):
         return _fail("--rate-limit must read like '1000/minute'")
