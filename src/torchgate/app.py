@@ -79,7 +79,7 @@ def create_app(settings: Settings, *, models: dict[str, Admission] | None = None
         torch.set_num_threads(torch_threads(settings))
         # A runner thread back from a forward (run with the GIL released) waits for the
         # event loop to hand the GIL over, up to one switch interval (Python's default is
-        # 5 ms) each time; under load that halved mlp_wide's forward rate. See README.
+        # 5 ms) each time, which under load slows the forwards down (README, Benchmark).
         switch_interval = sys.getswitchinterval()
         sys.setswitchinterval(settings.gil_switch_ms / 1000)
         repository = ModelRepository(

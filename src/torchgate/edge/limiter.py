@@ -8,8 +8,8 @@ limit. If Redis fails, requests are still served: the limiter falls back to its
 in-process counters for a second at a time, counts the error and logs it.
 
 The in-process counters are written here rather than taken from `limits`' async memory
-storage, which takes an asyncio lock and schedules an expiry task on every hit (8 % of the
-event loop's time per request in a profile); these are three numbers per identity in a
+storage, which takes an asyncio lock and schedules an expiry task on every hit (a cost
+on the event loop for every request); these are three numbers per identity in a
 size-bounded LRU map, so no number of distinct identities can grow memory without limit
 (unknown keys are refused by auth before they get here anyway).
 """
