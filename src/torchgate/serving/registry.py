@@ -27,10 +27,11 @@ from torchgate.config import Settings
 from torchgate.errors import ModelLoadError, ModelNotFound
 from torchgate.lifecycle.canary import Arm, Canary
 from torchgate.lifecycle.drift import DriftMonitor, Reference
+from torchgate.lifecycle.gate import AdmissionRefused, describe
 from torchgate.lifecycle.rollout_state import RolloutRecord, RolloutState
 from torchgate.lifecycle.rollouts import Rollouts
 from torchgate.metrics import Metrics
-from torchgate.serving.admission import Admission, AdmissionRefused, admit, describe
+from torchgate.serving.admission import Admission, admit
 from torchgate.serving.batching import Batcher, BatcherOptions
 from torchgate.serving.breaker import BreakerState, CircuitBreaker
 from torchgate.serving.budget import Bytes, Limits
