@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from torchgate import memory
 from torchgate.config import Settings
 from torchgate.errors import ModelLoadError, ModelNotFound
-from torchgate.lifecycle.canary import Arm, Canary
+from torchgate.lifecycle.arm import Arm
+from torchgate.lifecycle.canary import Canary
 from torchgate.lifecycle.drift import DriftMonitor, Reference
 from torchgate.lifecycle.gate import AdmissionRefused, describe
 from torchgate.lifecycle.rollout_state import RolloutRecord, RolloutState

@@ -24,7 +24,7 @@ from torchgate.errors import (
     Draining,
     InferenceFailed,
 )
-from torchgate.lifecycle.canary import Arm
+from torchgate.lifecycle.arm import Arm
 from torchgate.metrics import Metrics
 from torchgate.processors.text import TextProcessor
 from torchgate.serving.cache import CachePolicy
