@@ -29,7 +29,7 @@ from torchgate.edge.responses import Answer, json_answer
 from torchgate.errors import BadRequest, ModelNotFound, TorchgateError
 from torchgate.processors.prepared import InputRefused
 from torchgate.processors.text import TextProcessor
-from torchgate.serving.registry import ServedVersion
+from torchgate.serving.served import ServedVersion
 
 MAX_INPUTS = 2048  # texts in one request, as OpenAI's API allows
 _TYPES = {401: "invalid_request_error", 404: "invalid_request_error", 429: "rate_limit_error"}

@@ -18,8 +18,9 @@ from torchgate.edge.responses import Answer, json_answer
 from torchgate.errors import BadRequest, ModelLoadError, UnsupportedMediaType
 from torchgate.processors.image import MEDIA_TYPES
 from torchgate.serving.model_config import ModelConfig
-from torchgate.serving.registry import ModelRegistry, ServedVersion
+from torchgate.serving.registry import ModelRegistry
 from torchgate.serving.residency import State, Status
+from torchgate.serving.served import ServedVersion
 from torchgate.serving.service import InferenceResult
 
 _DUMPS = orjson.OPT_SERIALIZE_NUMPY

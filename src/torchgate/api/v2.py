@@ -24,7 +24,8 @@ from torchgate.edge.responses import BINARY, Answer, json_answer
 from torchgate.errors import ModelNotFound, ModelNotReady, Unavailable
 from torchgate.serving.breaker import BreakerState
 from torchgate.serving.model_config import TensorSpec
-from torchgate.serving.registry import ModelRegistry, ServedModel, ServedVersion
+from torchgate.serving.registry import ModelRegistry
+from torchgate.serving.served import ServedModel, ServedVersion
 
 EXTENSIONS = ["binary_tensor_data", "model_repository", "model_configuration", "statistics"]
 

@@ -24,7 +24,7 @@ from torchgate.serving.admission import Admission
 from torchgate.serving.model_config import CanaryConfig, ModelConfig
 
 if TYPE_CHECKING:
-    from torchgate.serving.registry import ServedModel
+    from torchgate.serving.served import ServedModel
 
 log = logging.getLogger("torchgate.rollouts")
 
