@@ -1,9 +1,9 @@
 """`ModelRegistry`: the models being served now, each version with its own batcher.
 
 The repository reads folders from disk and `admission` holds their versions to the gate;
-the registry owns what is live: it starts each admitted version's batcher, resolves a
-request's model and version (splitting requests that name no version between the stable
-version and a canary), and stops them on unload. A reload keeps the versions that did not
+the registry owns what is live: it starts each admitted version (`served`), resolves a
+request's model and version (`router`: requests that name no version may be split between
+the stable version and a canary), and stops them on unload. A reload keeps the versions that did not
 change (their batcher, breaker and cache) and stops the others. Each model's rollout
 decisions are recorded (`rollout_state`) and taken back at start-up and on reload; with a
 store the replicas share, decisions other replicas made are followed every few seconds.
@@ -31,6 +31,7 @@ from torchgate.lifecycle.gate import AdmissionRefused, describe
 from torchgate.lifecycle.rollout_state import RolloutRecord, RolloutState
 from torchgate.lifecycle.rollouts import Rollouts
 from torchgate.metrics import Metrics
+from torchgate.serving import router
 from torchgate.serving.admission import Admission, admit
 from torchgate.serving.breaker import BreakerState
 from torchgate.serving.budget import Bytes, Limits
@@ -90,45 +91,22 @@ class ModelRegistry:
         return served
 
     def resolve(self, name: str, version: str | int | None = None) -> ServedVersion:
-        """The version a request asked for, or the model's default one."""
-        served = self.get(name)
-        if version is None or version == "":
-            return served.versions[served.default_version]
-        number = version if isinstance(version, int) else _version_number(str(version))
-        found = served.versions.get(number) if number is not None else None
-        if found is None:
-            shown = str(version) if str(version).isdigit() and len(str(version)) < 12 else "?"
-            raise ModelNotFound(f"model {name} has no version {shown}")
-        return found
+        """The version a request asked for, or the model's default one (`router`)."""
+        return router.resolve(self.get(name), version)
 
     def route(
         self, name: str, version: str | None, identity: str
     ) -> tuple[ServedVersion, Arm | None]:
-        """`resolve`, but a request without a version may go to the model's canary (by the
-        caller's `identity`); while a rollout runs, the side it went to comes back, to
-        record the outcome on."""
+        """`resolve`, or for a request without a version a side of the model's canary
+        split, with where to record its outcome (`router`)."""
         if version:
             return self.resolve(name, version), None
-        served = self.get(name)
-        canary = served.canary
-        if canary is None or not canary.routing:
-            return served.versions[served.default_version], None
-        number = canary.choose(identity)
-        chosen = served.versions.get(number)
-        if chosen is None:
-            return served.versions[served.default_version], None
-        return chosen, canary.arm(number)
+        return router.route(self.get(name), identity)
 
     def default_model(self) -> str:
-        if self.settings.default_model:
-            return self.settings.default_model
+        """The model behind `POST /predict` (`router`)."""
         known = set(self._models) | set(self.residency.names())
-        if len(known) == 1:
-            return next(iter(known))
-        raise ModelNotFound(
-            "several models are served and TORCHGATE_DEFAULT_MODEL is not set: "
-            "use /v1/models/{name}:predict"
-        )
+        return router.default_model(self.settings.default_model, known)
 
     def versions(self) -> list[ServedVersion]:
         return [v for m in self._models.values() for v in m.versions.values()]
@@ -344,7 +322,3 @@ class ModelRegistry:
             # a version reloaded from a changed file keeps its number, and its series
             if forget and (now is None or version.version not in now.versions):
                 self.metrics.forget_version(name, str(version.version))
-
-
-def _version_number(text: str) -> int | None:
-    return int(text) if text.isdigit() and len(text) < 12 else None
