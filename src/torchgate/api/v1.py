@@ -19,7 +19,7 @@ from torchgate.errors import BadRequest, ModelLoadError, UnsupportedMediaType
 from torchgate.processors.image import MEDIA_TYPES
 from torchgate.serving.model_config import ModelConfig
 from torchgate.serving.registry import ModelRegistry
-from torchgate.serving.residency import State, Status
+from torchgate.serving.residents import State, Status
 from torchgate.serving.served import ServedVersion
 from torchgate.serving.service import InferenceResult
 

@@ -30,7 +30,7 @@ from torchgate.errors import BadRequest, Forbidden, ModelLoadError, ModelNotRead
 from torchgate.serving.model_config import requestable_name
 from torchgate.serving.registry import ModelRegistry
 from torchgate.serving.repository import ModelRepository
-from torchgate.serving.residency import LoadFailed, NoRoom, State
+from torchgate.serving.residents import LoadFailed, NoRoom, State
 
 log = logging.getLogger("torchgate.repository")
 

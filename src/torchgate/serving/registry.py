@@ -40,7 +40,8 @@ from torchgate.serving.footprint import device_key
 from torchgate.serving.model import LoadedModel
 from torchgate.serving.model_config import ModelConfig, requestable_name
 from torchgate.serving.repository import ModelRepository
-from torchgate.serving.residency import ON_DEMAND, Loaded, LoadFailed, Residency
+from torchgate.serving.residency import Residency
+from torchgate.serving.residents import ON_DEMAND, Loaded, LoadFailed
 from torchgate.serving.served import ServedModel, ServedVersion, start_version, stop_version
 
 log = logging.getLogger("torchgate.registry")
