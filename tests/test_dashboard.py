@@ -19,8 +19,8 @@ from prometheus_client import CollectorRegistry
 from tests.browser import Browser, chromium
 from tests.support import Doubler, ServerThread, doubler_toml, slow_row, write_model
 from torchgate.config import Settings
-from torchgate.dashboard import Sampler, quantile
 from torchgate.metrics import Metrics
+from torchgate.sampler import Sampler, quantile
 
 SCREENSHOT_COPY = Path("/tmp/torchgate-dashboard.png")
 SCREENSHOTS = Path("/tmp")  # torchgate-dashboard-<width>.png, for a person to look at

@@ -12,8 +12,8 @@ from prometheus_client import CollectorRegistry
 from tests.api.test_residency_server import ROW, Weighted, predict, save, toml
 from tests.browser import Browser
 from tests.support import ServerThread
-from torchgate.dashboard import Sampler
 from torchgate.metrics import Metrics
+from torchgate.sampler import Sampler
 
 MIB = 2**20
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-import os
-import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -21,7 +19,6 @@ from torchgate.api import admin, dashboard, health, openai, v1, v2, v2_repositor
 from torchgate.api.routes import RouteTable
 from torchgate.api.textguard import TextPolicy
 from torchgate.config import Settings
-from torchgate.dashboard import Sampler
 from torchgate.edge.auth import AuthMiddleware
 from torchgate.edge.body import BodyLimitMiddleware
 from torchgate.edge.capacity import CapacityMiddleware
@@ -32,14 +29,16 @@ from torchgate.edge.limits import RateLimitMiddleware
 from torchgate.edge.metrics import MetricsMiddleware
 from torchgate.edge.shedding import Shedder
 from torchgate.keys import KeyStore
+from torchgate.lifecycle.drift import DriftScorer
+from torchgate.lifecycle.rollout_state import RolloutState, open_store
 from torchgate.metrics import Metrics
 from torchgate.periodic import Periodic
+from torchgate.process import ProcessTuning
+from torchgate.sampler import Sampler
 from torchgate.serving.admission import Admission, admit_all
 from torchgate.serving.cache import InferenceCache
-from torchgate.serving.drift import DriftScorer
 from torchgate.serving.registry import ModelRegistry
 from torchgate.serving.repository import ModelRepository
-from torchgate.serving.rollout_state import RolloutState, open_store
 from torchgate.serving.service import InferenceService
 
 log = logging.getLogger("torchgate")
@@ -54,20 +53,22 @@ _NO_NATIVE_TELEMETRY: dict[str, object] = (
 )
 
 
-def torch_threads(settings: Settings) -> int:
-    """Intra-op threads: the setting, or half the cores so the event loop keeps one."""
-    if settings.torch_threads:
-        return settings.torch_threads
-    return max(1, (os.cpu_count() or 2) // 2)
-
-
-def create_app(settings: Settings, *, models: dict[str, Admission] | None = None) -> FastAPI:
+def create_app(
+    settings: Settings,
+    *,
+    models: dict[str, Admission] | None = None,
+    keys: KeyStore | None = None,
+) -> FastAPI:
     """A torchgate app for `settings`. `models` are models already through the gate (the
     CLI admits them first so a broken repository fails before the server starts);
-    otherwise the lifespan loads the repository and holds it to the gate."""
+    otherwise the lifespan loads the repository and holds it to the gate. `keys`: the keys
+    file as the CLI read it already; otherwise it is read here (with auth on)."""
     metrics = Metrics(CollectorRegistry(), version=__version__)
     auth_on = settings.auth == "on"
-    keys = KeyStore.load(settings.api_keys_file, settings.plain_api_keys()) if auth_on else None
+    if not auth_on:
+        keys = None
+    elif keys is None:
+        keys = KeyStore.load(settings.api_keys_file, settings.plain_api_keys())
     limiter = (
         None
         if settings.rate_limit == "off"
@@ -76,12 +77,8 @@ def create_app(settings: Settings, *, models: dict[str, Admission] | None = None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        torch.set_num_threads(torch_threads(settings))
-        # A runner thread back from a forward (run with the GIL released) waits for the
-        # event loop to hand the GIL over, up to one switch interval (Python's default is
-        # 5 ms) each time; under load that halved mlp_wide's forward rate. See README.
-        switch_interval = sys.getswitchinterval()
-        sys.setswitchinterval(settings.gil_switch_ms / 1000)
+        tuning = ProcessTuning(settings)  # torch threads, switch interval, GC (process.py)
+        tuning.apply()
         repository = ModelRepository(
             settings.models, settings.device, max_tokens=settings.max_tokens
         )
@@ -118,7 +115,7 @@ def create_app(settings: Settings, *, models: dict[str, Admission] | None = None
 
         trimming = Periodic("memory-trim", memory.TRIM_EVERY_S, trim_step)
         trimming.start()
-        memory.settle()  # see memory.py: freeze start-up objects out of the collector
+        tuning.settle()  # freeze start-up objects out of the collector (memory.py)
         app.state.ready = True
         if not auth_on:
             log.warning("authentication is OFF: anyone who can reach this port can use it")
@@ -143,7 +140,7 @@ def create_app(settings: Settings, *, models: dict[str, Admission] | None = None
             await cache.aclose()
             if limiter is not None:
                 await limiter.aclose()
-            sys.setswitchinterval(switch_interval)
+            tuning.restore()
             log.info("stopped", extra={"drained": drained})
 
     app = TorchgateApp(

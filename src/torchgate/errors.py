@@ -24,13 +24,6 @@ class BadRequest(TorchgateError):
     status_code = 400
 
 
-class Unauthorized(TorchgateError):
-    status_code = 401
-
-    def __init__(self, message: str = "missing or unknown API key") -> None:
-        super().__init__(message, headers={"WWW-Authenticate": "Bearer"})
-
-
 class Forbidden(TorchgateError):
     status_code = 403
 

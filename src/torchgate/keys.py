@@ -39,6 +39,11 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
+def is_key_name(name: str) -> bool:
+    """Letters, digits and _.@-, starting with a letter or digit, at most 64 characters."""
+    return _NAME.match(name) is not None
+
+
 class _KeyEntry(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(extra="forbid")
 
@@ -51,7 +56,7 @@ class _KeyEntry(pydantic.BaseModel):
     @pydantic.field_validator("name")
     @classmethod
     def _name(cls, value: str) -> str:
-        if not _NAME.match(value):
+        if not is_key_name(value):
             raise ValueError("must be letters, digits and _.@- (at most 64), starting with one")
         return value
 

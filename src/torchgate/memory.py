@@ -3,8 +3,8 @@
 Everything alive once the models are loaded (torch, the models, the app) lives as long as
 the process. `settle()` moves it out of the collector's reach (`gc.freeze()`), or every
 full collection would walk it all and stall the event loop, and makes young collections
-rarer, since every request allocates a few hundred objects. Measured with wrk on digits:
-c=64 1,800 -> 4,100 requests/s; mlp_wide p99 at c=1 44 -> 4.5 ms.
+rarer, since every request allocates a few hundred objects (what that buys is in the
+README's Benchmark section).
 
 Frozen objects are never collected, so when a model version is unloaded `release()`
 thaws everything, collects (about 0.1 s with torch loaded, once per load or unload), and

@@ -1,4 +1,5 @@
-"""`problems`: a pydantic `ValidationError` as plain sentences, one per problem.
+"""`problems`: what went wrong, as plain sentences: a pydantic `ValidationError` one
+sentence per problem (`describe`), any other exception by its first line (`first_line`).
 
 Every place that validates what a person wrote (model.toml, the keys file, settings, CLI
 flags, admin request bodies) reports through here, so that no pydantic wording ("Value
@@ -116,3 +117,13 @@ def describe(exc: pydantic.ValidationError | Any, name: Callable[[str], str] = s
         key = where(loc, name)
         lines.append(f"{key}: {message(error)}" if key else message(error))
     return "; ".join(dict.fromkeys(lines))
+
+
+def first_line(exc: BaseException, limit: int = 200, empty: str | None = None) -> str:
+    """An exception's message cut to its first line, at most `limit` characters: libraries
+    (tokenizers, Pillow, torch) put tracebacks and hints after it. `empty` (else the
+    exception's type name) when it has no message."""
+    text = str(exc).strip()
+    if not text:
+        return type(exc).__name__ if empty is None else empty
+    return text.splitlines()[0][:limit]

@@ -14,8 +14,8 @@ model has no room, the 503 is written here, as soon as the head is parsed: no AS
 no edge, no body kept. Such refusals are counted, not logged one by one. And the
 connection is not read again for `SHED_PAUSE_S`: a client that sends again at once, as
 a closed loop does, waits in its socket buffer, as its Retry-After asked, instead of
-taking the event loop from the requests it is serving (at 16x the clients the loop can
-serve, refusing them as fast as they came back left a third of it for the work).
+taking the event loop from the requests it is serving: refusing clients as fast as they
+come back would leave the loop little time for the work.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from torch import nn
 
 from tests.support import Doubler, ServerThread, doubler_toml, metric, own_redis, write_model
 from torchgate.keys import key_file_entry
-from torchgate.serving.rollout_state import REDIS_PREFIX
+from torchgate.lifecycle.rollout_state import REDIS_PREFIX
 
 KEYS = [f"tg_caller_{i:04d}_" + "k" * 32 for i in range(1021)]
 ADMIN_KEY = "tg_admin_" + "a" * 40

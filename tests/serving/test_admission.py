@@ -10,9 +10,10 @@ import pytest
 from tests.serving.test_validation import Constant, FailsOnRealInput, add_version
 from tests.support import MODELS, copy_digits
 from torchgate.errors import ModelLoadError
-from torchgate.serving.admission import AdmissionRefused, admit, admit_all
+from torchgate.lifecycle.gate import AdmissionRefused
+from torchgate.lifecycle.rollout_state import RolloutRecord, settings_of
+from torchgate.serving.admission import admit, admit_all
 from torchgate.serving.repository import ModelRepository
-from torchgate.serving.rollout_state import RolloutRecord, settings_of
 
 
 def setup(

@@ -9,11 +9,12 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from tests.support import metric
+from torchgate.lifecycle.canary import Canary, CanaryStatus
+from torchgate.lifecycle.canary_gates import _binomial_limit
+from torchgate.lifecycle.canary_split import RUN, bucket
+from torchgate.lifecycle.rollout_state import RolloutRecord
 from torchgate.metrics import Metrics
-from torchgate.serving.canary import RUN, Canary, CanaryStatus, bucket
-from torchgate.serving.canary_gates import _binomial_limit
 from torchgate.serving.model_config import CanaryConfig
-from torchgate.serving.rollout_state import RolloutRecord
 
 
 class Clock:

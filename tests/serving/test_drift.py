@@ -13,9 +13,9 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from tests.support import MODELS, ROOT, metric
+from torchgate.lifecycle import drift
+from torchgate.lifecycle.drift import DriftMonitor, DriftScorer, Reference
 from torchgate.metrics import Metrics
-from torchgate.serving import drift
-from torchgate.serving.drift import DriftMonitor, DriftScorer, Reference
 
 VALIDATION = np.load(MODELS / "digits" / "validation.npz")
 REFERENCE = Reference.read(MODELS / "digits")

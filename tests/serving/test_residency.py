@@ -15,13 +15,13 @@ from prometheus_client import CollectorRegistry
 from torchgate.errors import ModelNotReady
 from torchgate.metrics import Metrics
 from torchgate.serving.budget import Limits
-from torchgate.serving.residency import (
+from torchgate.serving.residency import Residency
+from torchgate.serving.residents import (
     ON_DEMAND,
     PINNED,
     STARTUP,
     Loaded,
     LoadFailed,
-    Residency,
     State,
 )
 

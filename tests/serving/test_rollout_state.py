@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.support import own_redis, redis_up
-from torchgate.serving.model_config import CanaryConfig, ModelConfig
-from torchgate.serving.rollout_state import (
+from torchgate.lifecycle.rollout_state import (
     FILE,
     FileStore,
     RedisStore,
@@ -20,6 +19,7 @@ from torchgate.serving.rollout_state import (
     settings_of,
     settle,
 )
+from torchgate.serving.model_config import CanaryConfig, ModelConfig
 
 CONFIG = ModelConfig.model_validate(
     {

@@ -10,15 +10,15 @@ import torch
 from torch import nn
 
 from tests.support import copy_digits
-from torchgate.serving.model_config import ModelConfig, ValidationConfig
-from torchgate.serving.repository import ModelRepository
-from torchgate.serving.validation import (
+from torchgate.lifecycle.validation import (
     ValidationError,
     ValidationSet,
     baseline_version,
     evaluate,
     gate,
 )
+from torchgate.serving.model_config import ModelConfig, ValidationConfig
+from torchgate.serving.repository import ModelRepository
 
 BOUNDS = ValidationConfig()
 

@@ -15,16 +15,15 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import orjson
 import pydantic
 from starlette.requests import Request
-from starlette.responses import Response
 
 from torchgate import problems
 from torchgate.api.body import read_body
 from torchgate.api.codec import parse_json
 from torchgate.api.routes import Policy, admin_only, route
 from torchgate.edge.context import context
+from torchgate.edge.responses import Answer, json_answer
 from torchgate.errors import BadRequest, ModelNotFound
 from torchgate.serving.registry import ModelRegistry
 
@@ -44,22 +43,20 @@ def _target(request: Request) -> tuple[str, ModelRegistry]:
     return context(request).params["name"], request.app.state.registry
 
 
-def _json(body: object) -> Response:
-    return Response(orjson.dumps(body), media_type="application/json")
-
-
 @admin_only
-async def canary_state(request: Request) -> Response:
+async def canary_state(request: Request) -> Answer:
     """`GET /admin/models/{name}/canary`: the rollout's state."""
     name, registry = _target(request)
     served = registry.get(name)
     if served.canary is None:
-        return _json({"model": name, "status": "none", "stable_version": served.default_version})
-    return _json(served.canary.state())
+        return json_answer(
+            {"model": name, "status": "none", "stable_version": served.default_version}
+        )
+    return json_answer(served.canary.state())
 
 
 @admin_only
-async def set_canary(request: Request) -> Response:
+async def set_canary(request: Request) -> Answer:
     """`POST /admin/models/{name}/canary`: set the weight (and version) by hand."""
     name, registry = _target(request)
     registry.get(name)
@@ -73,11 +70,11 @@ async def set_canary(request: Request) -> Response:
         canary = registry.set_canary(name, update.weight, update.version)
     except ValueError as exc:
         raise BadRequest(str(exc)) from None
-    return _json(canary.state())
+    return json_answer(canary.state())
 
 
 @admin_only
-async def drift(request: Request) -> Response:
+async def drift(request: Request) -> Answer:
     """`GET /admin/models/{name}/drift`: the drift score now."""
     name, registry = _target(request)
     monitor = registry.get(name).drift
@@ -93,7 +90,7 @@ async def drift(request: Request) -> Response:
             {"feature": int(i), "psi": round(float(report.psi[i]), 6)} for i in order
         ]
         body["predicted"] = {str(k): round(v, 6) for k, v in report.predicted.items()}
-    return _json(body)
+    return json_answer(body)
 
 
 ROUTES = [

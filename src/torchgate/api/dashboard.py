@@ -16,13 +16,13 @@ import re
 from dataclasses import dataclass
 from importlib import resources
 
-import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
 from torchgate.api.routes import Policy, route
-from torchgate.dashboard import Sampler
+from torchgate.edge.responses import Answer, json_answer
 from torchgate.errors import BadRequest
+from torchgate.sampler import Sampler
 
 _SCRIPT_TAG = '<script src="dashboard.js"></script>'
 _STYLE = re.compile(r"<style>(.*?)</style>", re.DOTALL)
@@ -72,7 +72,7 @@ async def dashboard(request: Request) -> Response:
     )
 
 
-async def dashboard_data(request: Request) -> Response:
+async def dashboard_data(request: Request) -> Answer:
     """`GET /dashboard/data`: the recent per-second samples, all of them, or with the
     `boot` of the last answer only those after `since`."""
     boot = request.query_params.get("boot")
@@ -97,11 +97,7 @@ async def dashboard_data(request: Request) -> Response:
             "now": sampler.now,
             "samples": sampler.since(since if incremental else None),
         }
-    return Response(
-        orjson.dumps(body),
-        media_type="application/json",
-        headers={"Cache-Control": "no-store"},
-    )
+    return json_answer(body, headers={"Cache-Control": "no-store"})
 
 
 ROUTES = [

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.requests import Request
 from starlette.responses import Response
 
 from torchgate.api.routes import Policy, route
+from torchgate.edge.responses import Answer, json_answer
 
 
 def readiness_problems(request: Request) -> list[str]:
@@ -26,21 +26,17 @@ def readiness_problems(request: Request) -> list[str]:
     return problems
 
 
-def _json(body: object, status: int = 200) -> Response:
-    return Response(orjson.dumps(body), status_code=status, media_type="application/json")
-
-
-async def health(request: Request) -> Response:
+async def health(request: Request) -> Answer:
     """Liveness: the process is up and its event loop answers."""
-    return _json({"status": "ok"})
+    return json_answer({"status": "ok"})
 
 
-async def ready(request: Request) -> Response:
+async def ready(request: Request) -> Answer:
     """Readiness: models loaded and warmed, not draining."""
     problems = readiness_problems(request)
     if problems:
-        return _json({"status": "not ready", "reasons": problems}, 503)
-    return _json({"status": "ready"})
+        return json_answer({"status": "not ready", "reasons": problems}, 503)
+    return json_answer({"status": "ready"})
 
 
 async def metrics(request: Request) -> Response:

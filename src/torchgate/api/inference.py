@@ -21,7 +21,8 @@ from torchgate.metrics import Metrics
 from torchgate.processors.config import ImagePreprocess
 from torchgate.serving.cache import CachePolicy
 from torchgate.serving.model_config import TensorSpec
-from torchgate.serving.registry import ModelRegistry, ServedVersion
+from torchgate.serving.registry import ModelRegistry
+from torchgate.serving.served import ServedVersion
 from torchgate.serving.service import InferenceResult, InferenceService
 
 T = TypeVar("T")

@@ -19,18 +19,17 @@ from typing import Any
 import numpy as np
 import orjson
 from starlette.requests import Request
-from starlette.responses import Response
 
 from torchgate.api import inference, prepare
 from torchgate.api.body import read_body
 from torchgate.api.codec import parse_json
 from torchgate.api.routes import Policy, route
 from torchgate.edge.context import context
-from torchgate.edge.responses import Answer
+from torchgate.edge.responses import Answer, json_answer
 from torchgate.errors import BadRequest, ModelNotFound, TorchgateError
 from torchgate.processors.prepared import InputRefused
 from torchgate.processors.text import TextProcessor
-from torchgate.serving.registry import ServedVersion
+from torchgate.serving.served import ServedVersion
 
 MAX_INPUTS = 2048  # texts in one request, as OpenAI's API allows
 _TYPES = {401: "invalid_request_error", 404: "invalid_request_error", 429: "rate_limit_error"}
@@ -113,7 +112,7 @@ def encode(vectors: np.ndarray, request: EmbeddingsRequest, model: str, tokens: 
     return orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
-def error(exc: Exception) -> Response:
+def error(exc: Exception) -> Answer:
     """`{"error": {...}}` in OpenAI's shape, with torchgate's status code."""
     if isinstance(exc, TorchgateError):
         status, message, headers = exc.status_code, exc.message, exc.headers
@@ -128,12 +127,10 @@ def error(exc: Exception) -> Response:
             "code": _CODES.get(status),
         }
     }
-    return Response(
-        orjson.dumps(body), status_code=status, media_type="application/json", headers=headers
-    )
+    return json_answer(body, status, headers)
 
 
-async def embeddings(request: Request) -> Response | Answer:
+async def embeddings(request: Request) -> Answer:
     try:
         return await _answer(request)
     except TorchgateError as exc:

@@ -25,7 +25,7 @@ from torchgate.metrics import Metrics
 from torchgate.processors.config import ImagePreprocess
 from torchgate.processors.prepared import InputRefused, Prepared
 from torchgate.serving.model_config import ModelConfig
-from torchgate.serving.registry import ServedVersion
+from torchgate.serving.served import ServedVersion
 
 
 def v1_wants_processor(payload: Any, config: ModelConfig) -> bool:

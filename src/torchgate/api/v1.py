@@ -8,19 +8,19 @@ from typing import Any
 import numpy as np
 import orjson
 from starlette.requests import Request
-from starlette.responses import Response
 
 from torchgate.api import inference, prepare
 from torchgate.api.body import V1_TYPES, media_type, read_body
 from torchgate.api.codec import check_rows, check_shape, coerce, parse_json
 from torchgate.api.routes import Policy, route
 from torchgate.edge.context import context
-from torchgate.edge.responses import Answer
+from torchgate.edge.responses import Answer, json_answer
 from torchgate.errors import BadRequest, ModelLoadError, UnsupportedMediaType
 from torchgate.processors.image import MEDIA_TYPES
 from torchgate.serving.model_config import ModelConfig
-from torchgate.serving.registry import ModelRegistry, ServedVersion
-from torchgate.serving.residency import State, Status
+from torchgate.serving.registry import ModelRegistry
+from torchgate.serving.residents import State, Status
+from torchgate.serving.served import ServedVersion
 from torchgate.serving.service import InferenceResult
 
 _DUMPS = orjson.OPT_SERIALIZE_NUMPY
@@ -139,7 +139,7 @@ async def _processed(
     )
 
 
-async def model_status(request: Request) -> Response:
+async def model_status(request: Request) -> Answer:
     """`GET /v1/models/{name}`: the state of a model's versions, those the gate refused
     (`serving.admission`) included, with the reason; for a model not loaded now
     (`serving.residency`), its version folders LOADING or UNLOADED, and why."""
@@ -171,10 +171,10 @@ async def model_status(request: Request) -> Response:
         "residency": "loaded",
         "model_version_status": sorted(statuses, key=lambda s: int(s["version"])),
     }
-    return Response(orjson.dumps(body), media_type="application/json")
+    return json_answer(body)
 
 
-def _unloaded_status(registry: ModelRegistry, name: str, residency: Status) -> Response:
+def _unloaded_status(registry: ModelRegistry, name: str, residency: Status) -> Answer:
     """A model this server knows but has not loaded: loading now, or why not."""
     try:
         numbers = registry.repository.versions(name)  # a directory listing: cheap
@@ -192,7 +192,7 @@ def _unloaded_status(registry: ModelRegistry, name: str, residency: Status) -> R
             {"version": str(n), "state": state, "reason": reason} for n in numbers
         ],
     }
-    return Response(orjson.dumps(body), media_type="application/json")
+    return json_answer(body)
 
 
 ROUTES = [

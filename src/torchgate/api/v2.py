@@ -9,9 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import orjson
 from starlette.requests import Request
-from starlette.responses import Response
 
 from torchgate import __version__
 from torchgate.api import binary, inference, prepare, v2_repository, v2_stats
@@ -22,33 +20,30 @@ from torchgate.api.routes import Policy, route
 from torchgate.api.v2_codec import InferRequest, decode, encode
 from torchgate.api.v2_stats import PLATFORM
 from torchgate.edge.context import context
-from torchgate.edge.responses import BINARY, Answer
+from torchgate.edge.responses import BINARY, Answer, json_answer
 from torchgate.errors import ModelNotFound, ModelNotReady, Unavailable
 from torchgate.serving.breaker import BreakerState
 from torchgate.serving.model_config import TensorSpec
-from torchgate.serving.registry import ModelRegistry, ServedModel, ServedVersion
+from torchgate.serving.registry import ModelRegistry
+from torchgate.serving.served import ServedModel, ServedVersion
 
 EXTENSIONS = ["binary_tensor_data", "model_repository", "model_configuration", "statistics"]
 
 
-def _json(body: object) -> Response:
-    return Response(orjson.dumps(body), media_type="application/json")
+async def server_metadata(request: Request) -> Answer:
+    return json_answer({"name": "torchgate", "version": __version__, "extensions": EXTENSIONS})
 
 
-async def server_metadata(request: Request) -> Response:
-    return _json({"name": "torchgate", "version": __version__, "extensions": EXTENSIONS})
+async def live(request: Request) -> Answer:
+    return json_answer({"live": True})
 
 
-async def live(request: Request) -> Response:
-    return _json({"live": True})
-
-
-async def ready(request: Request) -> Response:
+async def ready(request: Request) -> Answer:
     """Readiness, by the same rule as /health/ready."""
     problems = readiness_problems(request)
     if problems:
         raise Unavailable(f"not ready: {'; '.join(problems)}")
-    return _json({"ready": True})
+    return json_answer({"ready": True})
 
 
 def model_metadata(served: ServedModel) -> dict[str, Any]:
@@ -75,7 +70,7 @@ def model_metadata(served: ServedModel) -> dict[str, Any]:
     return body
 
 
-async def metadata(request: Request) -> Response:
+async def metadata(request: Request) -> Answer:
     """`GET /v2/models/{name}[/versions/{version}]`; a model loaded on demand is loaded
     first, as for a request (clients ask for metadata before they infer)."""
     params = context(request).params
@@ -83,28 +78,30 @@ async def metadata(request: Request) -> Response:
     await registry.residency.acquire(params["name"])
     if "version" in params:
         registry.resolve(params["name"], params["version"])
-    return _json(model_metadata(registry.get(params["name"])))
+    return json_answer(model_metadata(registry.get(params["name"])))
 
 
-async def config(request: Request) -> Response:
+async def config(request: Request) -> Answer:
     """`GET /v2/models/{name}[/versions/{version}]/config`, in Triton's shape (a model
     loaded on demand is loaded first)."""
     params = context(request).params
     registry = inference.registry_of(request)
     await registry.residency.acquire(params["name"])
     served = registry.resolve(params["name"], params.get("version"))
-    return _json(v2_stats.model_config(registry.get(params["name"]), served))
+    return json_answer(v2_stats.model_config(registry.get(params["name"]), served))
 
 
-async def statistics(request: Request) -> Response:
+async def statistics(request: Request) -> Answer:
     """`GET /v2/models[/{name}[/versions/{version}]]/stats`, in Triton's shape."""
     params = context(request).params
     registry = inference.registry_of(request)
     metrics = request.app.state.metrics
-    return _json(v2_stats.statistics(registry, metrics, params.get("name"), params.get("version")))
+    return json_answer(
+        v2_stats.statistics(registry, metrics, params.get("name"), params.get("version"))
+    )
 
 
-async def model_ready(request: Request) -> Response:
+async def model_ready(request: Request) -> Answer:
     """`GET /v2/models/{name}[/versions/{version}]/ready`."""
     params = context(request).params
     registry: ModelRegistry = inference.registry_of(request)
@@ -119,7 +116,7 @@ async def model_ready(request: Request) -> Response:
         raise ModelNotReady(f"model {served.model.key} is not accepting requests")
     if served.breaker.state is BreakerState.OPEN:
         raise ModelNotReady(f"model {served.model.key} is failing: its circuit is open")
-    return _json({"name": served.name, "version": str(served.version), "ready": True})
+    return json_answer({"name": served.name, "version": str(served.version), "ready": True})
 
 
 async def infer(request: Request) -> Answer:

@@ -19,29 +19,20 @@ import asyncio
 import logging
 from typing import Any
 
-import orjson
 from starlette.requests import Request
-from starlette.responses import Response
 
 from torchgate.api.body import V2_TYPES, read_body
 from torchgate.api.codec import parse_json
 from torchgate.api.routes import Policy, admin_only, route
 from torchgate.edge.context import context
+from torchgate.edge.responses import Answer, json_answer
 from torchgate.errors import BadRequest, Forbidden, ModelLoadError, ModelNotReady
-from torchgate.serving.model_config import MODEL_NAME
+from torchgate.serving.model_config import requestable_name
 from torchgate.serving.registry import ModelRegistry
 from torchgate.serving.repository import ModelRepository
-from torchgate.serving.residency import LoadFailed, NoRoom, State
+from torchgate.serving.residents import LoadFailed, NoRoom, State
 
 log = logging.getLogger("torchgate.repository")
-
-
-def _json(body: object) -> Response:
-    return Response(orjson.dumps(body), media_type="application/json")
-
-
-def _valid_name(name: str) -> bool:
-    return len(name) <= 64 and MODEL_NAME.match(name) is not None
 
 
 def _folders(repository: ModelRepository) -> dict[str, list[str] | str]:
@@ -61,7 +52,7 @@ def _folders(repository: ModelRepository) -> dict[str, list[str] | str]:
 
 async def on_disk(registry: ModelRegistry, name: str) -> bool:
     """Whether the repository folder holds a model of this name (loaded or not)."""
-    if not _valid_name(name):
+    if not requestable_name(name):
         return False
     try:
         return name in await asyncio.to_thread(registry.repository.names)
@@ -94,7 +85,7 @@ def unloaded_reason(registry: ModelRegistry, name: str) -> tuple[str, str]:
 
 
 @admin_only
-async def index(request: Request) -> Response:
+async def index(request: Request) -> Answer:
     """`POST /v2/repository/index`: models in the repository and their state."""
     registry: ModelRegistry = request.app.state.registry
     ready_only = (await _payload(request)).get("ready", False)
@@ -121,7 +112,7 @@ async def index(request: Request) -> Response:
             entries += [_entry(name, version, False, reason, state) for version in found]
     if ready_only:
         entries = [e for e in entries if e["state"] == "READY"]
-    return _json(entries)
+    return json_answer(entries)
 
 
 def _allow_model_control(request: Request) -> None:
@@ -133,7 +124,7 @@ def _allow_model_control(request: Request) -> None:
 
 
 @admin_only
-async def load(request: Request) -> Response:
+async def load(request: Request) -> Answer:
     """`POST /v2/repository/models/{name}/load`: load or reload a model."""
     name = context(request).params["name"]
     registry: ModelRegistry = request.app.state.registry
@@ -143,7 +134,7 @@ async def load(request: Request) -> Response:
         raise BadRequest('"parameters" must be an object')
     if any(k == "config" or str(k).startswith("file:") for k in parameters):
         raise BadRequest("loading with a config or files sent in the request is not supported")
-    if not _valid_name(name):
+    if not requestable_name(name):
         raise BadRequest("model names are [a-z0-9][a-z0-9_.-]*, at most 64 characters")
     try:
         served = await registry.load(name)
@@ -157,7 +148,7 @@ async def load(request: Request) -> Response:
         "model loaded on request",
         extra={"model": name, "versions": versions, "refused": [r["version"] for r in refused]},
     )
-    return _json(
+    return json_answer(
         {
             "name": name,
             "versions": versions,
@@ -170,14 +161,14 @@ async def load(request: Request) -> Response:
 
 
 @admin_only
-async def unload(request: Request) -> Response:
+async def unload(request: Request) -> Answer:
     """`POST /v2/repository/models/{name}/unload`: unload a model."""
     name = context(request).params["name"]
     registry: ModelRegistry = request.app.state.registry
     _allow_model_control(request)
     await registry.unload(name)
     log.info("model unloaded on request", extra={"model": name})
-    return _json({"name": name, "state": "UNAVAILABLE"})
+    return json_answer({"name": name, "state": "UNAVAILABLE"})
 
 
 ROUTES = [

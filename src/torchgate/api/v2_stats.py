@@ -34,7 +34,8 @@ from prometheus_client.metrics import MetricWrapperBase
 
 from torchgate.metrics import Metrics
 from torchgate.serving.model_config import TensorSpec
-from torchgate.serving.registry import ModelRegistry, ServedModel, ServedVersion
+from torchgate.serving.registry import ModelRegistry
+from torchgate.serving.served import ServedModel, ServedVersion
 
 PLATFORM = "pytorch_libtorch"
 BACKEND = "pytorch"

@@ -1,8 +1,8 @@
 """`Deadlines`: the body-read deadlines of the requests in flight, checked by one timer.
 
-`asyncio.timeout` arms a timer per request (about 5 us each, where the whole request path
-costs a few dozen times that); here a request only enters a dict while its body is read,
-and one timer, armed while any are, cancels the tasks past their deadline about four
+`asyncio.timeout` arms a timer per request, a cost every request would pay; here a
+request only enters a dict while its body is read, and one timer, armed while any are,
+cancels the tasks past their deadline about four
 times per timeout (so a 30 s timeout fires within 30 to 37.5 s). The reader turns the
 cancellation into its own error (`expired`).
 """

@@ -8,8 +8,8 @@ limit. If Redis fails, requests are still served: the limiter falls back to its
 in-process counters for a second at a time, counts the error and logs it.
 
 The in-process counters are written here rather than taken from `limits`' async memory
-storage, which takes an asyncio lock and schedules an expiry task on every hit (8 % of the
-event loop's time per request in a profile); these are three numbers per identity in a
+storage, which takes an asyncio lock and schedules an expiry task on every hit (a cost
+on the event loop for every request); these are three numbers per identity in a
 size-bounded LRU map, so no number of distinct identities can grow memory without limit
 (unknown keys are refused by auth before they get here anyway).
 """
@@ -27,11 +27,10 @@ from limits import RateLimitItem, parse
 from limits.aio.storage import RedisStorage
 from limits.aio.strategies import SlidingWindowCounterRateLimiter
 
+from torchgate.failopen import FailOpen
 from torchgate.metrics import Metrics
 
 log = logging.getLogger("torchgate.ratelimit")
-
-SHARED_RETRY_S = 1.0
 
 
 @dataclass(slots=True)
@@ -115,7 +114,12 @@ class RateLimiter:
                 socket_timeout=0.25,
             )
             self._shared = SlidingWindowCounterRateLimiter(storage)
-        self._shared_retry_at = 0.0
+        self._backend = FailOpen(
+            metrics.ratelimit_backend_errors,
+            log,
+            "rate-limit backend failed; using in-process counters",
+            clock=clock,
+        )
 
     async def aclose(self) -> None:
         if self._storage is not None:
@@ -141,17 +145,11 @@ class RateLimiter:
 
     async def hit(self, identity: str, spec: str | None = None, cost: int = 1) -> Decision:
         policy, item = self.item(spec)
-        if self._shared is not None and self.clock() >= self._shared_retry_at:
+        if self._shared is not None and self._backend.up:
             try:
                 return await self._shared_decision(self._shared, item, identity, policy, cost)
             except Exception as exc:  # any backend failure: serve on, with local counters
-                self.metrics.ratelimit_backend_errors.inc()
-                if self._shared_retry_at == 0.0 or self.clock() - self._shared_retry_at > 5:
-                    log.warning(
-                        "rate-limit backend failed; using in-process counters",
-                        extra={"error": type(exc).__name__},
-                    )
-                self._shared_retry_at = self.clock() + SHARED_RETRY_S
+                self._backend.failed(type(exc).__name__)
         return self._local_decision(identity, policy, item, cost)
 
     def _local_decision(

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from torchgate.problems import first_line
 from torchgate.processors.config import ImagePreprocess, TextPreprocess
 from torchgate.processors.image import ImageProcessor
 from torchgate.processors.post import Postprocessor
@@ -49,7 +50,7 @@ def build_preprocessor(
                 max_tokens=max_tokens,
             )
         except Exception as exc:  # tokenizers raises its own Exception subclasses
-            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else repr(exc)
+            first = first_line(exc, empty=repr(exc))
             raise ProcessorError(path, f"not a tokenizers tokenizer.json ({first})") from None
     return None
 

@@ -20,6 +20,7 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from torchgate.problems import first_line
 from torchgate.processors.config import ImagePreprocess
 from torchgate.processors.prepared import InputRefused, Prepared
 from torchgate.serving.datatypes import NUMPY
@@ -115,7 +116,7 @@ class ImageProcessor:
             ) from None
         except (OSError, ValueError, SyntaxError, EOFError) as exc:
             # truncated data, a corrupt chunk, an impossible header
-            reason = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else "corrupt"
+            reason = first_line(exc, 120, "corrupt")
             raise InputRefused(f"{what}: cannot be decoded ({reason})", "bad_image") from None
         return image
 

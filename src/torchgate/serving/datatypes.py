@@ -26,16 +26,6 @@ NUMPY: dict[str, np.dtype] = {
 DATATYPES = tuple(NUMPY)
 
 
-def from_numpy(dtype: np.dtype) -> str:
-    """The protocol name of a numpy dtype (BF16 never comes back from here)."""
-    if dtype.kind in "OSU":
-        return "BYTES"
-    for name, candidate in NUMPY.items():
-        if candidate == dtype and name != "BF16":
-            return name
-    raise ValueError(f"no Open Inference Protocol datatype for numpy {dtype}")
-
-
 def to_tensor(array: np.ndarray, datatype: str) -> torch.Tensor:
     tensor = torch.from_numpy(np.ascontiguousarray(array))
     if datatype == "BF16":

@@ -11,7 +11,14 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from torchgate.processors.config import ImagePreprocess, PostprocessConfig, TextPreprocess
 from torchgate.serving.datatypes import DATATYPES
 
-MODEL_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
+MODEL_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")  # a model folder's name
+MAX_REQUESTED_NAME = 64
+
+
+def requestable_name(name: str) -> bool:
+    """Whether a name from a request can be a model's: a folder's name of at most 64
+    characters. The repository API loads nothing else, and errors never echo anything else."""
+    return len(name) <= MAX_REQUESTED_NAME and MODEL_NAME.match(name) is not None
 
 
 class _Strict(BaseModel):
@@ -73,7 +80,7 @@ class ValidationConfig(_Strict):
 class CanaryConfig(_Strict):
     """A canary rollout: `version` takes `weight` of the requests that name no version,
     stepping up through `steps` while it is not measurably worse than the stable version
-    (`serving.canary_gates`); rolled back when it is."""
+    (`lifecycle.canary_gates`); rolled back when it is."""
 
     version: int = Field(ge=0)
     weight: float = Field(0.1, ge=0, le=1)

@@ -1,9 +1,9 @@
 """`ModelRegistry`: the models being served now, each version with its own batcher.
 
 The repository reads folders from disk and `admission` holds their versions to the gate;
-the registry owns what is live: it starts each admitted version's batcher, resolves a
-request's model and version (splitting requests that name no version between the stable
-version and a canary), and stops them on unload. A reload keeps the versions that did not
+the registry owns what is live: it starts each admitted version (`served`), resolves a
+request's model and version (`router`: requests that name no version may be split between
+the stable version and a canary), and stops them on unload. A reload keeps the versions that did not
 change (their batcher, breaker and cache) and stops the others. Each model's rollout
 decisions are recorded (`rollout_state`) and taken back at start-up and on reload; with a
 store the replicas share, decisions other replicas made are followed every few seconds.
@@ -20,71 +20,31 @@ import asyncio
 import logging
 import weakref
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 
 from torchgate import memory
 from torchgate.config import Settings
 from torchgate.errors import ModelLoadError, ModelNotFound
+from torchgate.lifecycle.arm import Arm
+from torchgate.lifecycle.canary import Canary
+from torchgate.lifecycle.drift import DriftMonitor, Reference
+from torchgate.lifecycle.gate import AdmissionRefused, describe
+from torchgate.lifecycle.rollout_state import RolloutRecord, RolloutState
+from torchgate.lifecycle.rollouts import Rollouts
 from torchgate.metrics import Metrics
-from torchgate.serving.admission import Admission, AdmissionRefused, admit, describe
-from torchgate.serving.batching import Batcher, BatcherOptions
-from torchgate.serving.breaker import BreakerState, CircuitBreaker
+from torchgate.serving import router
+from torchgate.serving.admission import Admission, admit
+from torchgate.serving.breaker import BreakerState
 from torchgate.serving.budget import Bytes, Limits
-from torchgate.serving.cache import InferenceCache, VersionCache
-from torchgate.serving.canary import Arm, Canary
-from torchgate.serving.concurrency import ConcurrencyLimit
-from torchgate.serving.drift import DriftMonitor, Reference
+from torchgate.serving.cache import InferenceCache
 from torchgate.serving.footprint import device_key
 from torchgate.serving.model import LoadedModel
-from torchgate.serving.model_config import MODEL_NAME, ModelConfig
+from torchgate.serving.model_config import ModelConfig, requestable_name
 from torchgate.serving.repository import ModelRepository
-from torchgate.serving.residency import ON_DEMAND, Loaded, LoadFailed, Residency
-from torchgate.serving.rollout_state import RolloutRecord, RolloutState
-from torchgate.serving.rollouts import Rollouts
-from torchgate.serving.runner import Runner
+from torchgate.serving.residency import Residency
+from torchgate.serving.residents import ON_DEMAND, Loaded, LoadFailed
+from torchgate.serving.served import ServedModel, ServedVersion, start_version, stop_version
 
 log = logging.getLogger("torchgate.registry")
-
-
-@dataclass(slots=True)
-class ServedVersion:
-    """One version being served: the model, its batcher, cache namespace and breaker, and
-    for a model with a preprocessor the thread that decodes its images and long texts."""
-
-    model: LoadedModel
-    batcher: Batcher
-    cache: VersionCache
-    breaker: CircuitBreaker
-    drift: DriftMonitor | None = None  # the model's, shared by its versions
-    # one thread, not a pool: more threads decoding at once take the GIL from the event
-    # loop, and /health waits (README, Benchmark: the image cell)
-    preprocess: Runner | None = None
-    # requests of this version inside the server at once (admitted before their body is read)
-    limit: ConcurrencyLimit = field(default_factory=lambda: ConcurrencyLimit(minimum=1, maximum=1))
-
-    @property
-    def name(self) -> str:
-        return self.model.name
-
-    @property
-    def version(self) -> int:
-        return self.model.version
-
-    @property
-    def config(self) -> ModelConfig:
-        return self.model.config
-
-
-@dataclass(slots=True)
-class ServedModel:
-    name: str
-    config: ModelConfig
-    versions: dict[int, ServedVersion]
-    default_version: int  # the stable version while a canary rolls out
-    canary: Canary | None = None
-    drift: DriftMonitor | None = None
-    refused: dict[int, str] = field(default_factory=dict)  # version -> why it is not served
-    notes: list[str] = field(default_factory=list)  # what the last load had to say
 
 
 class ModelRegistry:
@@ -127,50 +87,27 @@ class ModelRegistry:
     def get(self, name: str) -> ServedModel:
         served = self._models.get(name)
         if served is None:
-            shown = name if MODEL_NAME.match(name) and len(name) <= 64 else "(invalid name)"
+            shown = name if requestable_name(name) else "(invalid name)"
             raise ModelNotFound(f"unknown model {shown}")
         return served
 
     def resolve(self, name: str, version: str | int | None = None) -> ServedVersion:
-        """The version a request asked for, or the model's default one."""
-        served = self.get(name)
-        if version is None or version == "":
-            return served.versions[served.default_version]
-        number = version if isinstance(version, int) else _version_number(str(version))
-        found = served.versions.get(number) if number is not None else None
-        if found is None:
-            shown = str(version) if str(version).isdigit() and len(str(version)) < 12 else "?"
-            raise ModelNotFound(f"model {name} has no version {shown}")
-        return found
+        """The version a request asked for, or the model's default one (`router`)."""
+        return router.resolve(self.get(name), version)
 
     def route(
         self, name: str, version: str | None, identity: str
     ) -> tuple[ServedVersion, Arm | None]:
-        """`resolve`, but a request without a version may go to the model's canary (by the
-        caller's `identity`); while a rollout runs, the side it went to comes back, to
-        record the outcome on."""
+        """`resolve`, or for a request without a version a side of the model's canary
+        split, with where to record its outcome (`router`)."""
         if version:
             return self.resolve(name, version), None
-        served = self.get(name)
-        canary = served.canary
-        if canary is None or not canary.routing:
-            return served.versions[served.default_version], None
-        number = canary.choose(identity)
-        chosen = served.versions.get(number)
-        if chosen is None:
-            return served.versions[served.default_version], None
-        return chosen, canary.arm(number)
+        return router.route(self.get(name), identity)
 
     def default_model(self) -> str:
-        if self.settings.default_model:
-            return self.settings.default_model
+        """The model behind `POST /predict` (`router`)."""
         known = set(self._models) | set(self.residency.names())
-        if len(known) == 1:
-            return next(iter(known))
-        raise ModelNotFound(
-            "several models are served and TORCHGATE_DEFAULT_MODEL is not set: "
-            "use /v1/models/{name}:predict"
-        )
+        return router.default_model(self.settings.default_model, known)
 
     def versions(self) -> list[ServedVersion]:
         return [v for m in self._models.values() for v in m.versions.values()]
@@ -261,7 +198,7 @@ class ModelRegistry:
             if before is not None and before.model is model:
                 versions[number] = before  # unchanged: its batcher, breaker and cache stay
             else:
-                versions[number] = self._serve(model)
+                versions[number] = start_version(model, self.settings, self.metrics, self.cache)
         served = ServedModel(
             name,
             admission.folder.config,
@@ -375,84 +312,14 @@ class ModelRegistry:
         self._models.clear()
         await self.rollouts.aclose()
 
-    def _serve(self, model: LoadedModel) -> ServedVersion:
-        batching = model.config.batching
-        s = self.settings
-        options = BatcherOptions(
-            max_batch_size=model.config.max_batch_size,
-            max_delay_s=(s.max_delay_ms if s.max_delay_ms is not None else batching.max_delay_ms)
-            / 1000,
-            max_queue_rows=s.max_queue_rows or batching.max_queue_rows,
-            timeout_s=(s.batch_timeout_ms or batching.timeout_ms) / 1000,
-            instances=batching.instances,
-            pad=_pad_values(model),
-            max_batch_tokens=batching.max_batch_tokens,
-        )
-        version = str(model.version)
-        tokens = options.max_batch_tokens is not None
-        metrics = self.metrics.for_batcher(model.name, version, tokens=tokens)
-        batcher = Batcher(model, options, metrics)
-        batcher.start()
-        self.metrics.load_bytes.labels(model.name, version).set(model.load_bytes)
-        self.metrics.resident_bytes.labels(model.name, version).set(model.resident_bytes)
-        state_gauge = self.metrics.circuit_state.labels(model.name, version)
-        state_gauge.set(BreakerState.CLOSED.value)
-
-        def on_change(state: BreakerState) -> None:
-            state_gauge.set(state.value)
-            self.metrics.circuit_transitions.labels(model.name, state.name.lower()).inc()
-            log.warning("circuit breaker", extra={"model": model.key, "state": state.name.lower()})
-
-        breaker = CircuitBreaker(
-            model.key,
-            failures=s.breaker_failures,
-            cooldown_s=s.breaker_cooldown_s,
-            min_callers=s.breaker_min_callers,
-            on_change=on_change,
-        )
-        preprocess = None
-        if model.preprocessor is not None:
-            preprocess = Runner(f"preprocess-{model.key}")
-            preprocess.start()
-        return ServedVersion(
-            model,
-            batcher,
-            self.cache.for_version(model),
-            breaker,
-            preprocess=preprocess,
-            limit=_concurrency(options),
-        )
-
     async def _stop(
         self, name: str, versions: Iterable[ServedVersion], *, forget: bool = True
     ) -> None:
         """Let queued requests finish, stop the batchers, drop their cache entries and
         (`forget`) every metric series of theirs."""
         for version in versions:
-            await version.batcher.drain(self.settings.drain_timeout_s)
-            await version.batcher.aclose()
-            self.metrics.unbind(version.batcher.metrics)
-            if version.preprocess is not None:
-                version.preprocess.stop()
-            self.cache.drop(version.model)
+            await stop_version(version, self.settings.drain_timeout_s, self.metrics, self.cache)
             now = self._models.get(name)
             # a version reloaded from a changed file keeps its number, and its series
             if forget and (now is None or version.version not in now.versions):
                 self.metrics.forget_version(name, str(version.version))
-
-
-def _concurrency(options: BatcherOptions) -> ConcurrencyLimit:
-    """Between enough requests to fill the batches the runners compute, and what the queue
-    holds besides them (rows, as most requests carry one)."""
-    running = options.max_batch_size * options.instances if options.max_batch_size else 1
-    maximum = options.max_queue_rows + running
-    return ConcurrencyLimit(minimum=min(running, maximum), maximum=maximum)
-
-
-def _pad_values(model: LoadedModel) -> tuple[float, ...] | None:
-    pad = model.preprocessor.pad_values() if model.preprocessor is not None else None
-    return None if pad is None else tuple(pad)
-
-
-def _version_number(text: str) -> int | None:
-    return int(text) if text.isdigit() and len(text) < 12 else None

@@ -10,15 +10,12 @@ every request waiting for it, and the next try waits for a back-off that doubles
 each failure in a row.
 
 A load reserves its estimate in the `MemoryBudget` (the size measured at its last load,
-or its files) before it starts; to make room, the least recently used models are evicted
-(unloaded, their memory released and their cache entries dropped: `registry.remove`).
-Never evicted: a pinned model, a model being loaded, a model whose batchers have requests
-queued or running, and a model a request is using: each request holds the model it
-resolved (`acquire`) until its task ends, so nothing it decoded or queued is ever
-answered by a model that is gone. When nothing can be evicted the load waits, within the
-deadline, for a model to be let go; past it, the request gets 503 with `Retry-After`,
-never an out-of-memory crash. A model measured larger than its estimate once loaded
-makes room the same way, or is unloaded again.
+or its files) before it starts, evicting the least recently used models to make room
+(`evictor`). Never evicted: a pinned model, a model being loaded, a model whose batchers
+have requests queued or running, and a model a request is using: each request holds the
+model it resolved (`acquire`, `holds`) until its task ends, so nothing it decoded or
+queued is ever answered by a model that is gone. Past the deadline without room, the
+request gets 503 with `Retry-After`, never an out-of-memory crash.
 
 Models are loaded and evicted whole: the gate judges a model's versions against each
 other (the default against the version before it), so they come and go together.
@@ -27,91 +24,32 @@ other (the default against the version before it), so they come and go together.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from enum import Enum
-from typing import Protocol
+from collections.abc import Callable
 
 from torchgate.errors import ModelNotReady
 from torchgate.metrics import Metrics
-from torchgate.serving.budget import Bytes, Limits, MemoryBudget
+from torchgate.serving.budget import Limits, MemoryBudget
+from torchgate.serving.evictor import Evictor
+from torchgate.serving.holds import Holds
+from torchgate.serving.residents import (
+    ADMIN,
+    ON_DEMAND,
+    PINNED,
+    STARTUP,
+    Known,
+    Loaded,
+    LoadFailed,
+    NoRoom,
+    State,
+    Status,
+    Table,
+    no_room,
+)
 
 log = logging.getLogger("torchgate.residency")
-
-STARTUP, ON_DEMAND, PINNED = "startup", "on_demand", "pinned"  # model.toml's `load`
-ADMIN = "admin"  # a load reason besides the policies: POST /v2/repository/models/{name}/load
-POLL_S = 0.25  # a load waiting for room looks again at least this often
-
-
-class State(Enum):
-    LOADED = "loaded"
-    LOADING = "loading"
-    UNLOADED = "unloaded"
-
-
-class LoadFailed(Exception):
-    """A model that could not be loaded; the message says why, without server paths."""
-
-
-class NoRoom(Exception):
-    """A load the memory budget has no room for."""
-
-
-@dataclass(slots=True)
-class Loaded:
-    """What a load brought in: the bytes it holds and how the model asks to be loaded."""
-
-    footprint: Bytes
-    policy: str
-    wait_s: float
-
-
-class Table(Protocol):
-    """What the residency needs from the table of served models (`ModelRegistry`)."""
-
-    async def estimate(self, name: str) -> Bytes:
-        """What a load of the model would hold, before loading it (raises `LoadFailed`)."""
-        ...
-
-    async def admit(self, name: str) -> Loaded:
-        """Load the model through the gate and serve it (raises `LoadFailed`)."""
-        ...
-
-    async def remove(self, name: str) -> None:
-        """Stop serving the model and release its memory."""
-        ...
-
-    def busy(self, name: str) -> bool:
-        """Whether any version of the model has requests queued or being computed."""
-        ...
-
-
-@dataclass(slots=True)
-class Known:
-    """A model of the repository, loaded or not."""
-
-    policy: str
-    wait_s: float  # how long a request waits for the model's load
-    why: str = "loads on its first request"  # why it is not loaded, when it is not
-    footprint: Bytes = field(default_factory=dict)  # measured at its last load
-    failures: int = 0  # failed loads in a row
-    error: str = ""  # what the last failed load said
-    retry_at: float = 0.0  # after a failed load, no new try before this (clock)
-    loaded_once: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class Status:
-    """Where a model stands, for the index, the model status and readiness."""
-
-    state: State
-    policy: str
-    reason: str = ""  # why it is not loaded
-    footprint: Bytes = field(default_factory=dict)
 
 
 class Residency:
@@ -140,10 +78,8 @@ class Residency:
         self._backoff_max_s = backoff_max_s
         self._known: dict[str, Known] = {}
         self._loads: dict[str, asyncio.Task[None]] = {}
-        self._evictions: dict[str, asyncio.Task[None]] = {}
-        self._holders: dict[str, set[asyncio.Task[object]]] = {}
-        self._no_room: dict[str, Bytes] = {}  # loads waiting for a model to be let go
-        self._changed = asyncio.Event()
+        self._room = Evictor(self.budget, table, metrics, self._known, self._evictable)
+        self._holds = Holds(on_let_go=self._room.notify)
 
     # the catalogue -------------------------------------------------------------------------
 
@@ -201,7 +137,8 @@ class Residency:
         known = self._known.get(name)
         if known is None:
             return
-        self._hold(name)  # even before it is loaded: loaded, it stays until this request ran
+        if self.budget.limits.bounded:  # (unbounded, nothing is ever evicted)
+            self._holds.hold(name)  # even before it is loaded: it stays until this request ran
         if self.budget.use(name):
             return
         loop = asyncio.get_running_loop()
@@ -215,8 +152,8 @@ class Residency:
             left = deadline - loop.time()
             done = (await asyncio.wait({task}, timeout=left))[0] if left > 0 else set()
             if not done:
-                if name in self._no_room:
-                    raise ModelNotReady(_no_room(name, self._no_room[name]), retry_after_s=1)
+                if name in self._room.waiting:
+                    raise ModelNotReady(no_room(name, self._room.waiting[name]), retry_after_s=1)
                 raise ModelNotReady(
                     f"model {name} is still loading: waited {known.wait_s:g} s", retry_after_s=1
                 )
@@ -234,25 +171,6 @@ class Residency:
         if isinstance(exc, NoRoom):
             raise ModelNotReady(str(exc), retry_after_s=retry_after)
         raise ModelNotReady(f"model {name} could not be loaded: {exc}", retry_after_s=retry_after)
-
-    def _hold(self, name: str) -> None:
-        if not self.budget.limits.bounded:
-            return  # nothing is ever evicted
-        task = asyncio.current_task()
-        if task is None:
-            return
-        holders = self._holders.setdefault(name, set())
-        if task not in holders:
-            holders.add(task)
-            task.add_done_callback(functools.partial(self._let_go, name))
-
-    def _let_go(self, name: str, task: asyncio.Task[object]) -> None:
-        holders = self._holders.get(name)
-        if holders is not None:
-            holders.discard(task)
-            if not holders:
-                del self._holders[name]
-                self._notify()
 
     # operators ---------------------------------------------------------------------------
 
@@ -285,7 +203,7 @@ class Residency:
             await self._table.remove(name)
         finally:
             self.budget.freed(name)
-            self._notify()
+            self._room.notify()
 
     async def aclose(self) -> None:
         """Stop loads in progress (their threads finish on their own); let evictions under
@@ -293,7 +211,7 @@ class Residency:
         loads = list(self._loads.values())
         for task in loads:
             task.cancel()
-        await asyncio.gather(*loads, *self._evictions.values(), return_exceptions=True)
+        await asyncio.gather(*loads, *self._room.evictions.values(), return_exceptions=True)
 
     # loading -----------------------------------------------------------------------------
 
@@ -314,7 +232,7 @@ class Residency:
             del self._loads[name]
         if not task.cancelled():
             task.exception()  # seen here: each waiter raises its own error from it
-        self._notify()
+        self._room.notify()
 
     async def _load(self, name: str, known: Known, reason: str) -> None:
         loop = asyncio.get_running_loop()
@@ -330,7 +248,7 @@ class Residency:
                 else:
                     for device, size in known.footprint.items():  # measured last time
                         estimate[device] = max(estimate.get(device, 0), size)
-                await self._make_room(name, estimate, started + known.wait_s)
+                await self._room.make_room(name, estimate, started + known.wait_s)
                 try:
                     loaded = await self._table.admit(name)
                 finally:
@@ -348,7 +266,7 @@ class Residency:
             raise LoadFailed(str(exc)) from None
         self._settle(name, loaded)
         known.failures, known.retry_at = 0, 0.0
-        await self._fit(name, loaded.footprint, reason)
+        await self._room.fit(name, loaded.footprint, reason)
         seconds = loop.time() - started
         self._metrics.model_loads.labels(name, reason, "ok").inc()
         self._metrics.model_load_seconds.labels(name).observe(seconds)
@@ -381,98 +299,8 @@ class Residency:
             extra={"model": name, "reason": reason, "error": why, "retry_in_s": backoff},
         )
 
-    # room --------------------------------------------------------------------------------
-
-    async def _make_room(self, name: str, need: Bytes, deadline: float) -> None:
-        """Reserve `need` for a load: evict what it takes, wait (until `deadline`) while
-        what could make room is in use, and return once it fits."""
-        try:
-            while over := self.budget.over(need):
-                if await self._evict_for(name, over):
-                    continue
-                never = self.budget.never_fits(name, need, self._pinned)
-                if never is not None:
-                    raise NoRoom(never)
-                left = deadline - asyncio.get_running_loop().time()
-                if left <= 0:
-                    raise NoRoom(_no_room(name, need))
-                self._no_room[name] = need
-                await self._wait_change(min(left, POLL_S))
-        finally:
-            self._no_room.pop(name, None)
-        self.budget.reserve(name, need)
-
-    async def _fit(self, name: str, footprint: Bytes, reason: str) -> None:
-        """A loaded model measured larger than its estimate: make room, or unload it."""
-        while over := self.budget.over({}):
-            if await self._evict_for(name, over):
-                continue
-            log.warning(
-                "the model is larger than its estimate and nothing can make room: unloaded",
-                extra={"model": name, "bytes": sum(footprint.values())},
-            )
-            self._evict(name, counted=False)
-            await asyncio.wait({self._evictions[name]})
-            self._known[name].why = "did not fit the memory budget at its last load"
-            self._metrics.model_loads.labels(name, reason, "no_room").inc()
-            raise NoRoom(_no_room(name, footprint))
-
-    async def _evict_for(self, name: str, over: Mapping[str, int]) -> bool:
-        """Evict what covers `over` and wait until its memory is released: first what is
-        being evicted already. Whether anything was (or is being) evicted."""
-        if not self._evictions:
-            victims = self.budget.victims(over, self._evictable, exclude=name)
-            for victim in victims or ():
-                self._evict(victim)
-        if not self._evictions:
-            return False
-        await asyncio.wait(list(self._evictions.values()))
-        return True
-
-    def _pinned(self, name: str) -> bool:
-        known = self._known.get(name)
-        return known is not None and known.policy == PINNED
-
     def _evictable(self, name: str) -> bool:
         known = self._known.get(name)
         if known is None or known.policy == PINNED or name in self._loads:
             return False
-        return not self._holders.get(name) and not self._table.busy(name)
-
-    def _evict(self, name: str, *, counted: bool = True) -> None:
-        held = self.budget.evicting(name)
-        self._evictions[name] = asyncio.create_task(
-            self._remove(name, held, counted), name=f"evict-{name}"
-        )
-
-    async def _remove(self, name: str, held: Bytes, counted: bool) -> None:
-        try:
-            await self._table.remove(name)
-        except Exception:  # out of the table whatever failed after: it is gone
-            log.exception("evicting the model failed", extra={"model": name})
-        finally:
-            self.budget.freed(name)
-            self._evictions.pop(name, None)
-            known = self._known.get(name)
-            if counted:
-                if known is not None:
-                    known.why = "evicted to make room (least recently used)"
-                self._metrics.model_evictions.labels(name).inc()
-                log.info("model evicted", extra={"model": name, "bytes": sum(held.values())})
-            self._notify()
-
-    def _notify(self) -> None:
-        changed, self._changed = self._changed, asyncio.Event()
-        changed.set()
-
-    async def _wait_change(self, timeout_s: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._changed.wait(), timeout_s)
-
-
-def _no_room(name: str, need: Mapping[str, int]) -> str:
-    size = sum(need.values())
-    return (
-        f"no room to load model {name} (about {size / 2**20:.1f} MiB): every model that "
-        "could be evicted to make room is in use; try again shortly"
-    )
+        return not self._holds.held(name) and not self._table.busy(name)

@@ -24,13 +24,14 @@ from torchgate.errors import (
     Draining,
     InferenceFailed,
 )
+from torchgate.lifecycle.arm import Arm
 from torchgate.metrics import Metrics
 from torchgate.processors.text import TextProcessor
 from torchgate.serving.cache import CachePolicy
-from torchgate.serving.canary import Arm
 from torchgate.serving.execution import BatchResult
-from torchgate.serving.registry import ModelRegistry, ServedVersion
+from torchgate.serving.registry import ModelRegistry
 from torchgate.serving.scores import top_classes
+from torchgate.serving.served import ServedVersion
 
 T = TypeVar("T")
 

@@ -16,15 +16,15 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from torchgate.errors import ModelNotFound
+from torchgate.lifecycle.canary import Canary, CanaryStatus
+from torchgate.lifecycle.rollout_state import RolloutRecord, RolloutState, settings_of
 from torchgate.metrics import Metrics
 from torchgate.periodic import Periodic
 from torchgate.serving.admission import Admission
-from torchgate.serving.canary import Canary, CanaryStatus
 from torchgate.serving.model_config import CanaryConfig, ModelConfig
-from torchgate.serving.rollout_state import RolloutRecord, RolloutState, settings_of
 
 if TYPE_CHECKING:
-    from torchgate.serving.registry import ServedModel
+    from torchgate.serving.served import ServedModel
 
 log = logging.getLogger("torchgate.rollouts")
 

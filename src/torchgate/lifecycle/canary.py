@@ -2,15 +2,7 @@
 promoted or rolled back by how the two compare.
 
 **The split.** `weight` is the share of requests (those that name no version) that go to
-the canary, whatever the number of callers. Each caller (API key name, or client address)
-has a place in [0, 1) for the rollout (BLAKE2b of the model, version and caller: stable
-across processes and restarts, unlike `hash()`), and its requests are counted in runs of
-`RUN` (10): run r goes to the canary when `floor(place + (r + 1) * weight)` passes an
-integer that `floor(place + r * weight)` did not. So a caller sending fewer than 10
-requests sees one version, a busier one sees runs of 10 on one version, and each caller's
-requests, one caller or thousands, go to the canary in the weight's share. Raising the
-weight moves a caller's first run only towards the canary. The counts live here, per
-caller, for the last `MAX_CALLERS` callers.
+the canary, whatever the number of callers, each caller's in runs (`canary_split`).
 
 **The gates.** Requests routed while the rollout runs record their outcome on their side
 (`Arm`): a server-side failure (`InferenceFailed`, `DeadlineExceeded`, `CircuitOpen`) and
@@ -32,29 +24,24 @@ Every decision is logged, counted (`torchgate_canary_decisions_total`,
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import math
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
+from torchgate.lifecycle.arm import Arm
+from torchgate.lifecycle.canary_gates import CanaryGates, Window
+from torchgate.lifecycle.canary_split import CallerRuns
+from torchgate.lifecycle.rollout_state import RolloutRecord, now_iso
 from torchgate.metrics import Metrics
-from torchgate.serving.blame import CallerSpread
-from torchgate.serving.canary_gates import CanaryGates, Window
 from torchgate.serving.model_config import CanaryConfig
-from torchgate.serving.rollout_state import RolloutRecord, now_iso
 
 log = logging.getLogger("torchgate.canary")
 
 MIN_WINDOW = 100
-RUN = 10  # a caller's requests go to one side in runs of this many
-MAX_CALLERS = 10_000  # callers whose counts are kept; the least recent are forgotten
 STABLE_LIMIT = 20_000  # stable outcomes kept at most (at a small weight, many per canary one)
-_SCALE = float(2**64)
 
 
 class CanaryStatus(Enum):
@@ -72,39 +59,6 @@ class Decision:
     at: float  # on the canary's clock
     when: str  # wall-clock time (ISO 8601), as recorded
     here: bool = True  # made by this server (False: read back from the stored record)
-
-
-def bucket(identity: str, salt: str) -> float:
-    """A caller's stable place in [0, 1) for one rollout."""
-    digest = hashlib.blake2b(f"{salt}\0{identity}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") / _SCALE
-
-
-class Arm:
-    """One side of a rollout as the request path sees it: where the outcome of a request
-    routed to `version` is recorded."""
-
-    __slots__ = ("_canary", "_spread", "version", "window")
-
-    def __init__(self, canary: Canary, version: int, window: Window) -> None:
-        self._canary = canary
-        self.version = version
-        self.window = window
-        self._spread = CallerSpread(clock=canary.clock)
-
-    def record(self, failed: bool, latency_s: float) -> None:
-        """One request's outcome on this side; may step, promote or roll back."""
-        self._canary._record(self, failed, latency_s)
-
-    def suspect(self, caller: str, latency_s: float) -> None:
-        """A failure that may be the input's fault: recorded as one only when several
-        callers have had them lately; otherwise not recorded at all."""
-        if self._spread.failed(caller):
-            self.record(True, latency_s)
-
-    def clear(self) -> None:
-        self.window.clear()
-        self._spread.clear()
 
 
 class Canary:
@@ -138,8 +92,7 @@ class Canary:
         self.canary_arm = Arm(self, self.version, Window(max(policy.min_requests, MIN_WINDOW)))
         self.stable_arm = Arm(self, stable, Window(STABLE_LIMIT))
         self._since_step = 0
-        self._salt = f"{model}/{self.version}"
-        self._callers: OrderedDict[str, list[float]] = OrderedDict()  # place, requests
+        self._callers = CallerRuns(f"{model}/{self.version}")
         self._gauge(self.weight)
 
     # the request path -------------------------------------------------------------------
@@ -153,17 +106,7 @@ class Canary:
         """The version a caller's request without a version goes to (counted)."""
         if self.status is not CanaryStatus.ACTIVE:
             return self.stable
-        entry = self._callers.get(identity)
-        if entry is None:
-            entry = self._callers[identity] = [bucket(identity, self._salt), 0]
-            if len(self._callers) > MAX_CALLERS:
-                self._callers.popitem(last=False)
-        else:
-            self._callers.move_to_end(identity)
-        place, count = entry
-        entry[1] = count + 1
-        start = place + count // RUN * self.weight
-        return self.version if math.floor(start + self.weight) > math.floor(start) else self.stable
+        return self.version if self._callers.to_canary(identity, self.weight) else self.stable
 
     def arm(self, version: int) -> Arm | None:
         """The side a request routed to `version` records on (None: not part of it)."""
@@ -269,8 +212,7 @@ class Canary:
             self.close()
             self.version = self.canary_arm.version = version
             self.rolled_from = self.stable_arm.version = self.stable
-            self._salt = f"{self.model}/{version}"
-            self._callers.clear()
+            self._callers.reset(f"{self.model}/{version}")
 
     def _fresh(self) -> None:
         self.canary_arm.clear()

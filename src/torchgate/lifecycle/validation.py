@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from torchgate.problems import first_line
 from torchgate.serving.datatypes import NUMPY
 from torchgate.serving.model import LoadedModel
 from torchgate.serving.model_config import ModelConfig, ValidationConfig
@@ -206,7 +207,7 @@ def gate(
             result.baseline = evaluate(baseline, data)
         except Exception as exc:
             result.problems.append(
-                f"baseline version {baseline.version} failed ({_first_line(exc)})"
+                f"baseline version {baseline.version} failed ({first_line(exc)})"
             )
     result.problems += judge(result.evaluation, bounds, result.baseline)
     return result
@@ -239,7 +240,7 @@ def judge(
 
 
 def forward_failed(exc: BaseException) -> str:
-    return f"forward failed on the validation rows ({_first_line(exc)})"
+    return f"forward failed on the validation rows ({first_line(exc)})"
 
 
 def baseline_version(config: ModelConfig, versions: list[int], candidate: int) -> int | None:
@@ -253,8 +254,3 @@ def baseline_version(config: ModelConfig, versions: list[int], candidate: int) -
     canary = config.canary.version if config.canary is not None else None
     others = [v for v in versions if v != candidate and v != canary]
     return max(others) if others else None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__

@@ -31,6 +31,7 @@ from typing import Any, Literal, Protocol
 import pydantic
 import redis
 
+from torchgate.problems import first_line
 from torchgate.serving.model_config import ModelConfig
 
 log = logging.getLogger("torchgate.rollout")
@@ -101,7 +102,7 @@ def parse(name: str, where: str, raw: bytes | str | None) -> RolloutRecord | Non
     except pydantic.ValidationError as exc:
         log.warning(
             "rollout record unreadable: ignored",
-            extra={"model": name, "where": where, "problem": str(exc).splitlines()[0]},
+            extra={"model": name, "where": where, "problem": first_line(exc)},
         )
         return None
 
