@@ -130,10 +130,6 @@ class Batcher:
         for runner in self._runners:
             runner.stop()
 
-    def padding_ratio(self) -> float:
-        """Padded tokens over real tokens computed so far (1.0 before any)."""
-        return self._execution.padding_ratio()
-
     @property
     def queued_rows(self) -> int:
         return self._queue.rows

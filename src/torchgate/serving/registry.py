@@ -2,16 +2,13 @@
 
 The repository reads folders from disk and `admission` holds their versions to the gate;
 the registry owns what is live: it starts each admitted version (`served`), resolves a
-request's model and version (`router`: requests that name no version may be split between
-the stable version and a canary), and stops them on unload. A reload keeps the versions that did not
-change (their batcher, breaker and cache) and stops the others. Each model's rollout
-decisions are recorded (`rollout_state`) and taken back at start-up and on reload; with a
-store the replicas share, decisions other replicas made are followed every few seconds.
-Each model with a `reference.npz` gets a drift monitor.
-
-Which models are loaded at all, within the memory budget, is its `residency`'s to say:
-the registry loads (`admit`) and removes (`remove`) models when the residency asks, and
-tells it what a model holds and whether it is busy.
+request's model and version (`router`: one that names no version may go to a canary), and
+stops them on unload; a reload keeps the versions that did not change. Rollout decisions
+are recorded (`rollout_state`), taken back at start-up and on reload, and followed across
+replicas. Each model with a `reference.npz` gets a drift monitor. Which models are loaded
+at all, within the memory budget, is its `residency`'s to say: the registry loads
+(`admit`) and removes (`remove`) models when asked, and says what a model holds and
+whether it is busy.
 """
 
 from __future__ import annotations
@@ -19,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import weakref
+from collections import defaultdict
 from collections.abc import Iterable
 
 from torchgate import memory
@@ -36,13 +34,21 @@ from torchgate.serving.admission import Admission, admit
 from torchgate.serving.breaker import BreakerState
 from torchgate.serving.budget import Bytes, Limits
 from torchgate.serving.cache import InferenceCache
-from torchgate.serving.footprint import device_key
 from torchgate.serving.model import LoadedModel
-from torchgate.serving.model_config import ModelConfig, requestable_name
+from torchgate.serving.model_config import requestable_name
 from torchgate.serving.repository import ModelRepository
 from torchgate.serving.residency import Residency
 from torchgate.serving.residents import ON_DEMAND, Loaded, LoadFailed
-from torchgate.serving.served import ServedModel, ServedVersion, start_version, stop_version
+from torchgate.serving.served import (
+    ServedModel,
+    ServedVersion,
+    assemble,
+    load_wait_s,
+    resident,
+    retire,
+    start_version,
+    stop_version,
+)
 
 log = logging.getLogger("torchgate.registry")
 
@@ -66,7 +72,7 @@ class ModelRegistry:
         self.rollouts = Rollouts(state, metrics, self._models.get, self.names)
         # one load or unload of a model at a time: two concurrent loads would each replace
         # what the other had started, and the superseded versions would never be stopped
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)  # one per model
         self.residency = Residency(
             self,
             metrics,
@@ -126,7 +132,7 @@ class ModelRegistry:
         `ModelLoadError`), learn every other model of the repository and how it asks to be
         loaded, and follow the decisions other replicas store (when the store is shared)."""
         for name, served in self._models.items():
-            self.residency.installed(name, self._loaded(served))
+            self.residency.installed(name, resident(served, self.settings))
         problems = self.residency.budget.problems()
         if problems:
             raise ModelLoadError(self.repository.root, problems[0])
@@ -142,7 +148,7 @@ class ModelRegistry:
             # a model.toml that says startup or pinned now but was not admitted at start-up
             # (it changed meanwhile) loads on demand: waiting for it would keep the pod
             # unready with nothing to load it
-            self.residency.know(name, ON_DEMAND, self._wait_s(config))
+            self.residency.know(name, ON_DEMAND, load_wait_s(config, self.settings))
         self.rollouts.start()
 
     # what the residency asks of the table --------------------------------------------------
@@ -156,31 +162,20 @@ class ModelRegistry:
     async def admit(self, name: str) -> Loaded:
         """Load a model through the gate and serve it (`load`, without the budget)."""
         try:
-            async with self._lock(name):
+            async with self._locks[name]:
                 served = await self._load(name)
         except ModelLoadError as exc:
             raise LoadFailed(describe(exc, self.repository.root)) from None
-        return self._loaded(served)
+        return resident(served, self.settings)
 
     async def remove(self, name: str) -> None:
         """Stop serving a model and release its memory (`unload`, without the budget)."""
-        async with self._lock(name):
+        async with self._locks[name]:
             await self._unload(name)
 
     def busy(self, name: str) -> bool:
         served = self._models.get(name)
         return served is not None and not all(v.batcher.idle for v in served.versions.values())
-
-    def _loaded(self, served: ServedModel) -> Loaded:
-        footprint: Bytes = {}
-        for version in served.versions.values():
-            device = device_key(version.model.device)
-            footprint[device] = footprint.get(device, 0) + version.model.resident_bytes
-        return Loaded(footprint, served.config.load, self._wait_s(served.config))
-
-    def _wait_s(self, config: ModelConfig) -> float:
-        """How long a request waits for the model's load: its queue deadline."""
-        return (self.settings.batch_timeout_ms or config.batching.timeout_ms) / 1000
 
     def install(self, admission: Admission, reference: Reference | None = None) -> ServedModel:
         """Serve what came through the gate (inside the running loop): versions that were
@@ -192,42 +187,21 @@ class ModelRegistry:
         old = self._models.get(name)
         if reference is None:
             reference = Reference.read(self.repository.root / name)
-        versions: dict[int, ServedVersion] = {}
-        for number, model in sorted(admission.folder.versions.items()):
-            before = None if old is None else old.versions.get(number)
-            if before is not None and before.model is model:
-                versions[number] = before  # unchanged: its batcher, breaker and cache stay
-            else:
-                versions[number] = start_version(model, self.settings, self.metrics, self.cache)
-        served = ServedModel(
-            name,
-            admission.folder.config,
-            versions,
-            admission.default,
-            refused=dict(admission.refused),
-            notes=list(admission.notes),
+        served = assemble(
+            admission, old, lambda m: start_version(m, self.settings, self.metrics, self.cache)
         )
         served.canary = self.rollouts.canary_for(served, admission, old)
         previous_drift = None if old is None else old.drift
         served.drift = DriftMonitor.serving(
             admission.folder, reference, previous_drift, self.metrics
         )
-        for version in versions.values():
+        for version in served.versions.values():
             version.drift = served.drift
         if old is not None:
-            if old.canary is not None and old.canary is not served.canary:
-                old.canary.close()
-            if old.drift is not None and old.drift is not served.drift:
-                old.drift.close()
+            retire(old, served)
         self._models[name] = served
         self.metrics.models_loaded.set(len(self.versions()))
         return served
-
-    def _lock(self, name: str) -> asyncio.Lock:
-        lock = self._locks.get(name)
-        if lock is None:
-            lock = self._locks[name] = asyncio.Lock()
-        return lock
 
     async def load(self, name: str) -> ServedModel:
         """(Re)load a model from the repository through the gate (`admission`), within the
@@ -284,10 +258,7 @@ class ModelRegistry:
         served = self.get(name)
         del self._models[name]
         self.metrics.models_loaded.set(len(self.versions()))
-        if served.canary is not None:
-            served.canary.close()
-        if served.drift is not None:
-            served.drift.close()
+        retire(served)
         watched = [weakref.ref(m) for v in served.versions.values() for m in v.model.modules]
         await self._stop(name, list(served.versions.values()))
         del served

@@ -281,18 +281,11 @@ class Residency:
         )
 
     def _settle(self, name: str, loaded: Loaded) -> None:
-        known = self._known[name]
-        known.policy, known.wait_s = loaded.policy, loaded.wait_s
-        known.footprint = dict(loaded.footprint)
-        known.loaded_once = True
+        self._known[name].settle(loaded)
         self.budget.loaded(name, loaded.footprint)
 
     def _failed(self, name: str, known: Known, reason: str, why: str) -> None:
-        known.failures += 1
-        backoff = min(self._backoff_s * 2 ** (known.failures - 1), self._backoff_max_s)
-        known.retry_at = self._clock() + backoff
-        known.error = why
-        known.why = f"load failed: {why}"
+        backoff = known.failed(why, self._clock(), self._backoff_s, self._backoff_max_s)
         self._metrics.model_loads.labels(name, reason, "failed").inc()
         log.warning(
             "model load failed",

@@ -73,6 +73,21 @@ class Known:
     retry_at: float = 0.0  # after a failed load, no new try before this (clock)
     loaded_once: bool = False
 
+    def settle(self, loaded: Loaded) -> None:
+        """It loaded: what it holds and asks of the residency now."""
+        self.policy, self.wait_s = loaded.policy, loaded.wait_s
+        self.footprint = dict(loaded.footprint)
+        self.loaded_once = True
+
+    def failed(self, why: str, now: float, backoff_s: float, backoff_max_s: float) -> float:
+        """A load failed: no new try for a back-off that doubles with each failure in a
+        row (returned)."""
+        self.failures += 1
+        backoff = min(backoff_s * 2 ** (self.failures - 1), backoff_max_s)
+        self.retry_at = now + backoff
+        self.error, self.why = why, f"load failed: {why}"
+        return backoff
+
 
 @dataclass(frozen=True, slots=True)
 class Status:

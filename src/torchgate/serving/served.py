@@ -1,23 +1,30 @@
 """`ServedVersion` and `ServedModel`: what the registry serves of a model, and how one
 version is started (`start_version`: its batcher, breaker, cache namespace, preprocess
-thread and concurrency limit) and stopped (`stop_version`).
+thread and concurrency limit) and stopped (`stop_version`); how a model is assembled from
+what came through the gate (`assemble`), what a replaced one closes (`retire`), and what
+one holds, for the residency (`resident`).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from torchgate.config import Settings
 from torchgate.lifecycle.canary import Canary
 from torchgate.lifecycle.drift import DriftMonitor
 from torchgate.metrics import Metrics
+from torchgate.serving.admission import Admission
 from torchgate.serving.batching import Batcher, BatcherOptions
 from torchgate.serving.breaker import BreakerState, CircuitBreaker
+from torchgate.serving.budget import Bytes
 from torchgate.serving.cache import InferenceCache, VersionCache
 from torchgate.serving.concurrency import ConcurrencyLimit
+from torchgate.serving.footprint import device_key
 from torchgate.serving.model import LoadedModel
 from torchgate.serving.model_config import ModelConfig
+from torchgate.serving.residents import Loaded
 from torchgate.serving.runner import Runner
 
 log = logging.getLogger("torchgate.registry")
@@ -62,6 +69,48 @@ class ServedModel:
     drift: DriftMonitor | None = None
     refused: dict[int, str] = field(default_factory=dict)  # version -> why it is not served
     notes: list[str] = field(default_factory=list)  # what the last load had to say
+
+
+def assemble(
+    admission: Admission, old: ServedModel | None, start: Callable[[LoadedModel], ServedVersion]
+) -> ServedModel:
+    """A model as served from what came through the gate: versions served already (`old`)
+    keep their batcher, breaker and cache; new ones are started by `start`."""
+    versions: dict[int, ServedVersion] = {}
+    for number, model in sorted(admission.folder.versions.items()):
+        before = None if old is None else old.versions.get(number)
+        unchanged = before is not None and before.model is model
+        versions[number] = before if unchanged and before is not None else start(model)
+    return ServedModel(
+        admission.name,
+        admission.folder.config,
+        versions,
+        admission.default,
+        refused=dict(admission.refused),
+        notes=list(admission.notes),
+    )
+
+
+def retire(old: ServedModel, new: ServedModel | None = None) -> None:
+    """Close the canary and drift monitor of `old` that `new` (None: nothing) did not keep."""
+    if old.canary is not None and (new is None or old.canary is not new.canary):
+        old.canary.close()
+    if old.drift is not None and (new is None or old.drift is not new.drift):
+        old.drift.close()
+
+
+def resident(served: ServedModel, settings: Settings) -> Loaded:
+    """What a served model holds on each device, for the residency."""
+    footprint: Bytes = {}
+    for version in served.versions.values():
+        device = device_key(version.model.device)
+        footprint[device] = footprint.get(device, 0) + version.model.resident_bytes
+    return Loaded(footprint, served.config.load, load_wait_s(served.config, settings))
+
+
+def load_wait_s(config: ModelConfig, settings: Settings) -> float:
+    """How long a request waits for the model's load: its queue deadline."""
+    return (settings.batch_timeout_ms or config.batching.timeout_ms) / 1000
 
 
 def start_version(
