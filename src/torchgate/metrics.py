@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from functools import partial
 
 from prometheus_client import (
     CollectorRegistry,
@@ -21,48 +22,19 @@ from prometheus_client import (
 
 UNKNOWN = "_unknown"
 
+PER_MODEL = ("model",)
+PER_VERSION = ("model", "version")
+
+# fmt: off
 LATENCY_BUCKETS = (
-    0.001,
-    0.0025,
-    0.005,
-    0.0075,
-    0.01,
-    0.015,
-    0.025,
-    0.035,
-    0.05,
-    0.075,
-    0.1,
-    0.15,
-    0.25,
-    0.35,
-    0.5,
-    0.75,
-    1.0,
-    1.5,
-    2.0,
-    2.5,
-    5.0,
-    10.0,
+    0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25,
+    0.35, 0.5, 0.75, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0,
 )
 FAST_BUCKETS = (
-    0.0001,
-    0.00025,
-    0.0005,
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.5, 5.0, 10.0,
 )
+# fmt: on
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 LOAD_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
@@ -88,257 +60,207 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry, *, version: str) -> None:
         self.registry = registry
+        counter, gauge, histogram = (
+            partial(kind, registry=registry) for kind in (Counter, Gauge, Histogram)
+        )
         ProcessCollector(registry=registry)
         PlatformCollector(registry=registry)
         Info("torchgate_build", "torchgate build", registry=registry).info({"version": version})
 
         # the article's four
-        self.requests = Counter(
-            "ai_requests_total",
-            "Inference requests by model and HTTP status",
-            ["model", "status"],
-            registry=registry,
+        self.requests = counter(
+            "ai_requests_total", "Inference requests by model and HTTP status", ["model", "status"]
         )
-        self.latency = Histogram(
+        self.latency = histogram(
             "ai_request_latency_seconds",
             "Inference request latency, receipt to response",
-            ["model"],
+            PER_MODEL,
             buckets=LATENCY_BUCKETS,
-            registry=registry,
         )
-        self.error_latency = Histogram(
+        self.error_latency = histogram(
             "torchgate_error_latency_seconds",
             "Latency of the inference requests answered with an error (not 2xx): subtracted "
             "from ai_request_latency_seconds, the latency of those served",
-            ["model"],
+            PER_MODEL,
             buckets=LATENCY_BUCKETS,
-            registry=registry,
         )
-        self.predictions = Counter(
-            "ai_predictions_total",
-            "Predicted rows by model and top class",
-            ["model", "class"],
-            registry=registry,
+        self.predictions = counter(
+            "ai_predictions_total", "Predicted rows by model and top class", ["model", "class"]
         )
-        self.load_bytes = Gauge(
+        self.load_bytes = gauge(
             "ai_model_load_bytes",
             "Parameter and buffer bytes of a loaded version",
-            ["model", "version"],
-            registry=registry,
+            PER_VERSION,
         )
 
         # HTTP and capacity
-        self.http_requests = Counter(
+        self.http_requests = counter(
             "torchgate_http_requests_total",
             "HTTP requests by route template and status",
             ["route", "method", "status"],
-            registry=registry,
         )
-        self.inflight = Gauge(
-            "torchgate_inflight_requests",
-            "HTTP requests being served now",
-            registry=registry,
-        )
-        self.models_loaded = Gauge(
-            "torchgate_models_loaded",
-            "Model versions loaded and serving",
-            registry=registry,
-        )
+        self.inflight = gauge("torchgate_inflight_requests", "HTTP requests being served now")
+        self.models_loaded = gauge("torchgate_models_loaded", "Model versions loaded and serving")
 
         # batching
-        self.batch_size = Histogram(
+        self.batch_size = histogram(
             "torchgate_batch_size",
             "Rows per forward pass",
-            ["model", "version"],
+            PER_VERSION,
             buckets=BATCH_BUCKETS,
-            registry=registry,
         )
-        self.queue_rows = Gauge(
-            "torchgate_queue_rows",
-            "Rows waiting in a batcher's queue",
-            ["model", "version"],
-            registry=registry,
+        self.queue_rows = gauge(
+            "torchgate_queue_rows", "Rows waiting in a batcher's queue", PER_VERSION
         )
-        self.queue_wait = Histogram(
+        self.queue_wait = histogram(
             "torchgate_queue_wait_seconds",
             "Time from queueing to the start of its forward",
-            ["model", "version"],
+            PER_VERSION,
             buckets=FAST_BUCKETS,
-            registry=registry,
         )
-        self.compute = Histogram(
+        self.compute = histogram(
             "torchgate_compute_seconds",
             "Duration of one forward pass",
-            ["model", "version"],
+            PER_VERSION,
             buckets=FAST_BUCKETS,
-            registry=registry,
         )
-        self.batch_retries = Counter(
+        self.batch_retries = counter(
             "torchgate_batch_retries_total",
             "Batches whose forward failed and were retried request by request",
-            ["model", "version"],
-            registry=registry,
+            PER_VERSION,
         )
-        self.batch_tokens = Counter(
+        self.batch_tokens = counter(
             "torchgate_batch_tokens_total",
             "Tokens in text batches: real ones, and padded (rows x the batch's longest row)",
             ["model", "version", "kind"],
-            registry=registry,
         )
-        self.padding_ratio = Gauge(
+        self.padding_ratio = gauge(
             "torchgate_padding_ratio",
             "Padded tokens over real tokens in a text model's batches so far (1.0: no padding)",
-            ["model", "version"],
-            registry=registry,
+            PER_VERSION,
         )
-        self.shed = Counter(
+        self.shed = counter(
             "torchgate_shed_total",
             "Requests refused or dropped to protect the server",
             ["model", "reason"],
-            registry=registry,
         )
 
         # processors
-        self.preprocess = Histogram(
+        self.preprocess = histogram(
             "torchgate_preprocess_seconds",
             "Time to turn a request's images or texts into model inputs",
-            ["model"],
+            PER_MODEL,
             buckets=FAST_BUCKETS,
-            registry=registry,
         )
-        self.preprocess_refusals = Counter(
+        self.preprocess_refusals = counter(
             "torchgate_preprocess_refusals_total",
             "Images and texts refused before the model, by reason",
             ["model", "reason"],
-            registry=registry,
         )
 
         # cache and circuit breaker
-        self.cache_requests = Counter(
+        self.cache_requests = counter(
             "torchgate_cache_requests_total",
             "Cache lookups per row, by result (hit or miss)",
             ["model", "result"],
-            registry=registry,
         )
-        self.cache_entries = Gauge(
-            "torchgate_cache_entries",
-            "Rows held in the in-process cache",
-            ["model"],
-            registry=registry,
+        self.cache_entries = gauge(
+            "torchgate_cache_entries", "Rows held in the in-process cache", PER_MODEL
         )
-        self.cache_evictions = Counter(
+        self.cache_evictions = counter(
             "torchgate_cache_evictions_total",
             "Rows evicted from the in-process cache to make room",
-            ["model"],
-            registry=registry,
+            PER_MODEL,
         )
-        self.cache_backend_errors = Counter(
-            "torchgate_cache_backend_errors_total",
-            "Failed calls to the shared (Redis) cache tier",
-            registry=registry,
+        self.cache_backend_errors = counter(
+            "torchgate_cache_backend_errors_total", "Failed calls to the shared (Redis) cache tier"
         )
-        self.circuit_state = Gauge(
+        self.circuit_state = gauge(
             "torchgate_circuit_state",
             "Circuit breaker state: 0 closed, 1 half-open, 2 open",
-            ["model", "version"],
-            registry=registry,
+            PER_VERSION,
         )
-        self.circuit_transitions = Counter(
+        self.circuit_transitions = counter(
             "torchgate_circuit_transitions_total",
             "Circuit breaker transitions, by new state",
             ["model", "to"],
-            registry=registry,
         )
 
         # model lifecycle: canary rollouts and input drift
-        self.canary_weight = Gauge(
+        self.canary_weight = gauge(
             "torchgate_canary_weight",
             "Share of requests without a version sent to a canary version (1 once promoted)",
-            ["model", "version"],
-            registry=registry,
+            PER_VERSION,
         )
-        self.canary_decisions = Counter(
+        self.canary_decisions = counter(
             "torchgate_canary_decisions_total",
             "Canary rollout decisions: step, promote, rollback, manual",
             ["model", "decision"],
-            registry=registry,
         )
-        self.drift_score = Gauge(
+        self.drift_score = gauge(
             "ai_model_drift_score",
             "Mean population stability index of recent inputs against the training reference",
-            ["model"],
-            registry=registry,
+            PER_MODEL,
         )
 
         # residency: models loaded on demand within the memory budget; `model` takes names
         # of the repository's model folders only
-        self.model_loads = Counter(
+        self.model_loads = counter(
             "torchgate_model_loads_total",
             "Model loads by reason (startup, on_demand, admin) and result (ok, failed, no_room)",
             ["model", "reason", "result"],
-            registry=registry,
         )
-        self.model_load_seconds = Histogram(
+        self.model_load_seconds = histogram(
             "torchgate_model_load_seconds",
             "Time to load a model: making room, the gate and the warm-up",
-            ["model"],
+            PER_MODEL,
             buckets=LOAD_BUCKETS,
-            registry=registry,
         )
-        self.model_evictions = Counter(
+        self.model_evictions = counter(
             "torchgate_model_evictions_total",
             "Models evicted to make room for another, least recently used first",
-            ["model"],
-            registry=registry,
+            PER_MODEL,
         )
-        self.model_load_waits = Counter(
+        self.model_load_waits = counter(
             "torchgate_model_load_waits_total",
             "Requests that waited for their model to be loaded",
-            ["model"],
-            registry=registry,
+            PER_MODEL,
         )
-        self.resident_bytes = Gauge(
+        self.resident_bytes = gauge(
             "torchgate_model_resident_bytes",
             "Bytes a loaded version holds: parameters, buffers and what its warm-up allocated",
-            ["model", "version"],
-            registry=registry,
+            PER_VERSION,
         )
-        self.memory_budget = Gauge(
+        self.memory_budget = gauge(
             "torchgate_model_memory_budget_bytes",
             "Memory budget for loaded models, per device (absent: no budget)",
             ["device"],
-            registry=registry,
         )
-        self.memory_resident = Gauge(
+        self.memory_resident = gauge(
             "torchgate_model_memory_resident_bytes",
             "Bytes held by loaded models and reserved by loads in progress, per device",
             ["device"],
-            registry=registry,
         )
-        self.memory_peak = Gauge(
+        self.memory_peak = gauge(
             "torchgate_model_memory_peak_bytes",
             "Highest torchgate_model_memory_resident_bytes since start, per device",
             ["device"],
-            registry=registry,
         )
 
         # edge protection
-        self.ratelimit_rejections = Counter(
+        self.ratelimit_rejections = counter(
             "torchgate_ratelimit_rejections_total",
             "Requests refused with 429, by policy",
             ["policy"],
-            registry=registry,
         )
-        self.ratelimit_backend_errors = Counter(
+        self.ratelimit_backend_errors = counter(
             "torchgate_ratelimit_backend_errors_total",
             "Failed calls to the shared rate-limit store (served with local counters)",
-            registry=registry,
         )
-        self.refused = Counter(
+        self.refused = counter(
             "torchgate_refused_requests_total",
             "Requests refused at the edge, by reason (auth, size, type, timeout)",
             ["reason"],
-            registry=registry,
         )
 
     def for_batcher(self, model: str, version: str, *, tokens: bool = False) -> BatcherMetrics:
@@ -369,18 +291,10 @@ class Metrics:
     def forget_version(self, model: str, version: str) -> None:
         """Drop every series of an unloaded version, so none lingers at a stale value (an
         open circuit's alert would keep firing for a version that is gone)."""
-        for metric in (
-            self.batch_size,
-            self.queue_rows,
-            self.queue_wait,
-            self.compute,
-            self.batch_retries,
-            self.load_bytes,
-            self.resident_bytes,
-            self.padding_ratio,
-            self.circuit_state,
-            self.canary_weight,
-        ):
+        per_version = (self.batch_size, self.queue_rows, self.queue_wait, self.compute)
+        per_version += (self.batch_retries, self.load_bytes, self.resident_bytes)
+        per_version += (self.padding_ratio, self.circuit_state, self.canary_weight)
+        for metric in per_version:
             with contextlib.suppress(KeyError):
                 metric.remove(model, version)
         for kind in ("real", "padded"):
