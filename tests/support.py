@@ -3,6 +3,7 @@ TorchScript models written into temporary model repositories."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import shutil
@@ -13,7 +14,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -59,6 +60,24 @@ class ServerThread:
         self.server.should_exit = True
         self._thread.join(timeout=60)
         self._sock.close()
+
+
+async def until(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    """Yield to the event loop until `condition()` holds; fail after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"still not true after {timeout_s} s: {condition}")
+        await asyncio.sleep(0.001)  # pacing: a poll, the condition decides
+
+
+def eventually(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    """Poll `condition()` from a test's thread until it holds; fail after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"still not true after {timeout_s} s: {condition}")
+        time.sleep(0.01)  # pacing: a poll, the condition decides
 
 
 def free_port() -> int:
