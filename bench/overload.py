@@ -12,6 +12,8 @@ on mlp_wide with rate limiting off and reported for the other runs.
 
 from __future__ import annotations
 
+import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,6 +112,28 @@ def _rss_mib(pid: int) -> float:
     return 0.0
 
 
+def _status(request: urllib.request.Request) -> tuple[int, str]:
+    """An answer's status and, for an error, its message (never raised)."""
+    try:
+        with urllib.request.urlopen(request, timeout=5) as answer:
+            return answer.status, ""
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode(errors="replace")[:200]
+    except OSError as error:
+        return 0, str(error)
+
+
+def _until_answered(request: urllib.request.Request) -> float:
+    """Milliseconds until the request is answered 200 (trying every 10 ms, up to the
+    deadline and a second): how long what was admitted before kept a new request out."""
+    started = time.monotonic()
+    while time.monotonic() - started < DEADLINE_MS / 1000 + 1:
+        if _status(request)[0] == 200:
+            break
+        time.sleep(0.01)
+    return (time.monotonic() - started) * 1000
+
+
 def measure_overload(
     plan: Plan, work: Workload, repository: Path, *, rate_limited: bool, seconds: int
 ) -> tuple[list[Step], list[Target]]:
@@ -165,17 +189,21 @@ def measure_overload(
                     f"{cell.max_ms or 0:.0f} ms, RSS {step.rss_mib:.0f} MiB",
                     flush=True,
                 )
-            ready = urllib.request.urlopen(base + "/health/ready", timeout=5).status
+            ready, _ = _status(urllib.request.Request(base + "/health/ready"))
             request = urllib.request.Request(
                 url, data=work.sample_body, headers={"Content-Type": "application/json"}
             )
             request.add_header("Authorization", f"Bearer {server_env()['TORCHGATE_API_KEYS']}")
-            answer = urllib.request.urlopen(request, timeout=5).status
+            answer, said = _status(request)
+            recovered_ms = _until_answered(request) if answer != 200 else 0.0
+            shown = f"/health/ready {ready}, a prediction at once {answer}"
+            if answer != 200:
+                shown += f" ({said}); 200 after {recovered_ms:.0f} ms"
             checks.append(
                 Target(
                     f"{work.model} overload ({label}): ready and answering right after",
                     "PASS" if ready == 200 and answer == 200 else "FAIL",
-                    f"/health/ready {ready}, a prediction {answer}",
+                    shown,
                 )
             )
     except ServerError as exc:

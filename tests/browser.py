@@ -55,7 +55,7 @@ class Browser:
             if self._proc.poll() is not None or time.monotonic() > deadline:
                 self.close()
                 raise RuntimeError("Chromium did not open its DevTools port")
-            time.sleep(0.05)
+            time.sleep(0.05)  # pacing: a poll
         port = port_file.read_text().split()[0]
         pages = [t for t in httpx.get(f"http://127.0.0.1:{port}/json/list").json()]
         page = next(t for t in pages if t["type"] == "page")
@@ -116,7 +116,7 @@ class Browser:
                 return value
             if time.monotonic() > deadline:
                 raise AssertionError(f"the page never made {expression!r} true")
-            time.sleep(0.1)
+            time.sleep(0.1)  # pacing: a poll
 
     def screenshot(self, path: Path) -> None:
         """The whole page, below the window's bottom too when it is longer."""

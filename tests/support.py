@@ -53,7 +53,7 @@ class ServerThread:
         while not self.server.started:
             if not self._thread.is_alive() or time.monotonic() > deadline:
                 raise RuntimeError("test server did not start")
-            time.sleep(0.02)
+            time.sleep(0.02)  # pacing: a poll
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -116,7 +116,7 @@ def server_process(
                     pass
                 if time.monotonic() > deadline:
                     raise RuntimeError("server did not come up")
-                time.sleep(0.1)
+                time.sleep(0.1)  # pacing: a poll
             yield proc, url
         finally:
             if proc.poll() is None:
@@ -157,6 +157,24 @@ def metric(text: str, name: str, **labels: str) -> float:
         if match and ",".join(sorted((match.group(1) or "").split(","))) == wanted:
             return float(match.group(2))
     return 0.0
+
+
+async def started(client: httpx.AsyncClient, model: str, version: str = "1") -> float:
+    """How many requests of a model version have reached a forward (a request's queue wait
+    is observed as its batch starts), from the server's /metrics."""
+    text = (await client.get("/metrics")).text
+    return metric(text, "torchgate_queue_wait_seconds_count", model=model, version=version)
+
+
+async def until_started(
+    client: httpx.AsyncClient, model: str, count: float, version: str = "1"
+) -> None:
+    """Wait until `count` requests of a model version have reached a forward: one sent
+    before is then computing, not queued or still on its way."""
+    deadline = time.monotonic() + 30
+    while await started(client, model, version) < count:
+        assert time.monotonic() < deadline, f"{model}/{version}: {count} never started"
+        await asyncio.sleep(0.01)  # pacing: a poll, the metric decides
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120):
@@ -277,7 +295,7 @@ def own_redis() -> Iterator[tuple[subprocess.Popen[bytes], str]]:
             assert redis.poll() is None and time.monotonic() < deadline, (
                 "redis-server did not start"
             )
-            time.sleep(0.05)
+            time.sleep(0.05)  # pacing: a poll
         yield redis, f"redis://127.0.0.1:{port}/0"
     finally:
         if redis.poll() is None:

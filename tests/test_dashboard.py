@@ -17,7 +17,15 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from tests.browser import Browser, chromium
-from tests.support import Doubler, ServerThread, doubler_toml, slow_row, write_model
+from tests.support import (
+    Doubler,
+    ServerThread,
+    doubler_toml,
+    eventually,
+    slow_row,
+    until,
+    write_model,
+)
 from torchgate.config import Settings
 from torchgate.metrics import Metrics
 from torchgate.sampler import Sampler, quantile
@@ -204,10 +212,10 @@ def test_the_background_task_samples_until_closed(metrics: Metrics):
     async def run() -> int:
         sampler = Sampler(metrics, interval_s=0.01)
         sampler.start()
-        await asyncio.sleep(0.2)
+        await until(lambda: len(sampler.samples) >= 3)
         await sampler.aclose()
         taken = len(sampler.samples)
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.05)  # pacing: time for a stray sample to show, if one came
         assert len(sampler.samples) == taken
         return taken
 
@@ -247,7 +255,7 @@ def test_data_is_incremental_within_one_boot(doubler, make_settings):
             full = httpx.get(server.url + "/dashboard/data").json()
             if len(full["samples"]) >= 2 or time.monotonic() > deadline:
                 break
-            time.sleep(0.2)
+            time.sleep(0.2)  # pacing: a poll
         assert full["interval_s"] == 1.0 and full["window"] == 300
         assert full["now"]["breakers"] == {"doubler/1": "closed"}
         assert sum(s["rps"] * s["interval_s"] for s in full["samples"]) == pytest.approx(
@@ -324,14 +332,14 @@ def loaded_server(doubler: Path, make_settings: Callable[..., Settings]) -> Iter
                 client.post("/predict", json={"instances": instances})
                 if i % 30 == 0:
                     client.post("/predict", json={"rows": []})  # 400
-                time.sleep(0.005)
+                time.sleep(0.005)  # pacing
 
     with ServerThread(make_settings(models=doubler)) as server:
         workers = [threading.Thread(target=load, args=(server.url,)) for _ in range(2)]
         for worker in workers:
             worker.start()
         try:
-            time.sleep(3.0)  # a few seconds of history before the page opens
+            time.sleep(3.0)  # pacing: a few seconds of history before the page opens
             yield server.url
         finally:
             stop.set()
@@ -383,8 +391,14 @@ def burst_server(doubler: Path, make_settings: Callable[..., Settings]) -> Itera
                 else:
                     body = {"instances": [[float(i % 4), 1.0, 2.0, 3.0]]}
                 client.post("/predict", json=body)
-        time.sleep(2.5)  # the sampler's next readings take the whole burst in
+        # the sampler's readings take the whole burst in
+        eventually(lambda: sampled(httpx.get(server.url + "/dashboard/data").json()) >= 90)
         yield server.url
+
+
+def sampled(data: dict) -> float:
+    """How many answers the dashboard's samples have counted."""
+    return round(sum(s["rps"] * s["interval_s"] for s in data["samples"]), 3)
 
 
 def answers_by_class(metrics_text: str) -> dict[str, int]:

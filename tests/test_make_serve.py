@@ -50,7 +50,7 @@ def make_serve(tmp: Path, *args: str) -> Iterator[tuple[str, str]]:
                 except httpx.TransportError:
                     pass
                 assert time.monotonic() < deadline, "make serve did not come up"
-                time.sleep(0.2)
+                time.sleep(0.2)  # pacing: a poll
             out.seek(0)
             yield out.read(), url
         finally:

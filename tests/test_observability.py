@@ -23,6 +23,8 @@ from tests.support import (
     metric,
     promtool,
     slow_row,
+    started,
+    until_started,
     write_model,
 )
 from torchgate.config import Settings
@@ -71,8 +73,9 @@ class Traffic:
         async def go() -> list[httpx.Response]:
             limits = httpx.Limits(max_connections=burst + 1)
             async with httpx.AsyncClient(base_url=self.url, timeout=60, limits=limits) as client:
+                before = await started(client, "doubler")
                 slow = asyncio.create_task(client.post(DOUBLER, json={"instances": [slow_row(30)]}))
-                await asyncio.sleep(0.3)
+                await until_started(client, "doubler", before + 1)  # it holds the runner
                 rest = await asyncio.gather(
                     *(
                         client.post(DOUBLER, json={"instances": [row(1000 + i)]})

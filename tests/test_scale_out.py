@@ -188,7 +188,8 @@ def test_with_redis_gone_each_replica_serves_from_its_own_cache(
             assert post(b, row(1)) == "HIT"  # what came from Redis before is still held
             assert errors(b) >= 1
             seen = errors(a)
-            time.sleep(1.1)  # past the pause after a failure: Redis is tried again, and fails
+            # past the pause after a failure, Redis is tried again, and fails
+            time.sleep(1.1)  # pacing: the pause is a second
             assert post(a, row(3)) == "MISS"
             assert errors(a) > seen
             assert post(a, row(3)) == "HIT"

@@ -6,7 +6,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.support import MODELS
+from tests.support import MODELS, eventually, metric
 
 GOOD = {"instances": [np.load(MODELS / "digits" / "validation.npz")["x"][0].tolist()]}
 ROW = [[[[0.0] * 8 for _ in range(8)]]]  # one row, shape [1, 8, 8]
@@ -89,15 +89,18 @@ def test_unknown_model_names_never_become_metric_labels(digits_server):
 
 def test_a_client_leaving_mid_body_is_not_logged_as_a_server_error(digits_server, caplog):
     import socket
-    import time
+
+    def inflight() -> float:  # the scrape counts itself
+        text = httpx.get(digits_server.url + "/metrics").text
+        return metric(text, "torchgate_inflight_requests")
 
     sock = socket.create_connection(("127.0.0.1", digits_server.port))
     sock.sendall(
         b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
         b'Content-Length: 1000\r\n\r\n{"instances":'
     )
-    time.sleep(0.2)
+    eventually(lambda: inflight() == 2)  # the server is reading its body
     sock.close()
-    time.sleep(0.3)
+    eventually(lambda: inflight() == 1)  # and has finished with it
     assert not [r for r in caplog.records if r.levelname == "ERROR"]
     assert httpx.post(digits_server.url + "/predict", json=GOOD).status_code == 200

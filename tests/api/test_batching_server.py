@@ -18,11 +18,27 @@ from tests.support import (
     Doubler,
     ServerThread,
     doubler_toml,
+    eventually,
     metric,
     server_process,
     slow_row,
+    started,
+    until_started,
     write_model,
 )
+
+
+def inflight(text: str) -> float:
+    return metric(text, "torchgate_inflight_requests")
+
+
+async def until_queued(client: httpx.AsyncClient, rows: int) -> None:
+    deadline = time.monotonic() + 30
+    text = ""
+    while metric(text, "torchgate_queue_rows", model="doubler", version="1") != rows:
+        assert time.monotonic() < deadline, f"the queue never held {rows} rows"
+        await asyncio.sleep(0.01)  # pacing: a poll, the gauge decides
+        text = (await client.get("/metrics")).text
 
 
 def row(i: float) -> list[float]:
@@ -80,8 +96,9 @@ def test_flood_beyond_the_queue_gets_503_with_retry_after_and_nothing_else(doubl
             async with httpx.AsyncClient(
                 base_url=server.url, timeout=60, limits=httpx.Limits(max_connections=100)
             ) as client:
+                before = await started(client, "doubler")
                 first = asyncio.create_task(client.post("/predict", json=bodies[0]))
-                await asyncio.sleep(0.1)
+                await until_started(client, "doubler", before + 1)  # it holds the runner
                 rest = await asyncio.gather(*(client.post("/predict", json=b) for b in bodies[1:]))
                 return [await first, *rest]
 
@@ -111,10 +128,11 @@ def test_queued_request_past_its_deadline_gets_504(doubler_server):
 
         async def go() -> list[httpx.Response]:
             async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+                before = await started(client, "doubler")
                 first = asyncio.create_task(
                     client.post("/predict", json={"instances": [slow_row(20)]})
                 )
-                await asyncio.sleep(0.1)
+                await until_started(client, "doubler", before + 1)  # it holds the runner
                 late = await client.post("/predict", json={"instances": [row(1)]})
                 return [await first, late]
 
@@ -138,10 +156,11 @@ def test_a_poisoned_row_fails_alone_while_its_batch_neighbours_succeed(doubler_s
 
         async def go() -> list[httpx.Response]:
             async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+                before = await started(client, "doubler")
                 first = asyncio.create_task(
                     client.post("/predict", json={"instances": [slow_row(10)]})
                 )
-                await asyncio.sleep(0.1)
+                await until_started(client, "doubler", before + 1)  # it holds the runner
                 bodies = [{"instances": [row(i)]} for i in range(10)]
                 bodies[4] = {"instances": [[666.0, 0, 0, 0]]}
                 rest = await asyncio.gather(*(client.post("/predict", json=b) for b in bodies))
@@ -165,22 +184,24 @@ def test_client_that_disconnects_before_its_batch_runs_is_not_computed(doubler_s
 
         async def go() -> httpx.Response:
             async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+                before = await started(client, "doubler")
                 first = asyncio.create_task(
                     client.post("/predict", json={"instances": [slow_row(20)]})
                 )
-                await asyncio.sleep(0.1)
+                await until_started(client, "doubler", before + 1)  # it holds the runner
                 sock = socket.create_connection(("127.0.0.1", server.port))
                 sock.sendall(
                     b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                     + f"Content-Length: {len(body)}\r\n\r\n".encode()
                     + body
                 )
-                await asyncio.sleep(0.1)
+                await until_queued(client, 1)
                 sock.close()
                 return await first
 
         assert asyncio.run(go()).status_code == 200
-        time.sleep(0.2)
+        # every request has ended (the scrape aside): had the dropped one run, it would count
+        eventually(lambda: inflight(httpx.get(server.url + "/metrics").text) == 1)
         text = httpx.get(server.url + "/metrics").text
         assert metric(text, "torchgate_batch_size_count", model="doubler", version="1") == 1
         assert metric(text, "torchgate_batch_size_sum", model="doubler", version="1") == 1
@@ -197,7 +218,9 @@ def test_sigterm_with_50_requests_queued_answers_all_and_exits_0(tmp_path):
                     asyncio.create_task(client.post("/predict", json={"instances": [row(i)]}))
                     for i in range(50)
                 ]
-                await asyncio.sleep(0.5)  # all 50 sit in the batcher, waiting for company
+                # all 50 sit in the batcher, waiting for company (and the scrape is in flight)
+                while inflight((await client.get("/metrics")).text) < 51:
+                    await asyncio.sleep(0.01)  # pacing: a poll, the gauge decides
                 proc.send_signal(signal.SIGTERM)
                 return await asyncio.gather(*tasks)
 

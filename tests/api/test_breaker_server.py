@@ -23,6 +23,8 @@ from tests.support import (
     doubler_toml,
     metric,
     slow_row,
+    started,
+    until_started,
     write_model,
 )
 from torchgate.config import Settings
@@ -255,7 +257,7 @@ async def _until(client: httpx.AsyncClient, name: str, value: float) -> None:
     deadline = time.monotonic() + 10
     while metric((await client.get("/metrics")).text, name, model="flaky", version="1") != value:
         assert time.monotonic() < deadline, f"{name} never reached {value}"
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0.01)  # pacing: a poll, the metric decides
 
 
 def test_a_poisoned_input_among_healthy_neighbours_does_not_open_the_circuit(
@@ -268,8 +270,9 @@ def test_a_poisoned_input_among_healthy_neighbours_does_not_open_the_circuit(
         async def round_with_poison() -> list[int]:
             async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
                 path = "/v1/models/flaky:predict"
+                before = await started(client, "flaky")
                 held = asyncio.create_task(client.post(path, json={"instances": [slow_row(8)]}))
-                await asyncio.sleep(0.1)
+                await until_started(client, "flaky", before + 1)  # it holds the runner
                 bodies = [{"instances": [[float(i), 0, 0, 0]]} for i in range(6)]
                 bodies[3] = {"instances": [[666.0, 0, 0, 0]]}
                 answers = await asyncio.gather(*(client.post(path, json=b) for b in bodies))

@@ -91,7 +91,7 @@ def test_a_short_ttl_expires(serve, where: str) -> None:
         assert client.post("/predict", json=v1(row(1))).headers["x-cache"] == "HIT"
         assert time.monotonic() - started < ttl  # the hit above was inside the TTL
         assert probe.read()["entries"] == 1
-        time.sleep(ttl + 0.1)
+        time.sleep(ttl + 0.1)  # pacing: past the TTL
         assert probe.read()["entries"] == 0
         assert client.post("/predict", json=v1(row(1))).headers["x-cache"] == "MISS"
         assert probe.read()["rows"] == 2

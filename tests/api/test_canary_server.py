@@ -237,7 +237,7 @@ def test_replicas_sharing_redis_agree_on_a_promotion(tmp_path: Path, make_settin
             deadline = time.monotonic() + 15
             while cb.get("/v1/models/doubler").json()["default_version"] != "2":
                 assert time.monotonic() < deadline, "replica b never followed"
-                time.sleep(0.2)
+                time.sleep(0.2)  # pacing: a poll
             followed = cb.get("/admin/models/doubler/canary").json()
             assert followed["status"] == "promoted" and not followed["last_decision"]["made_here"]
         stored = json.loads(redis.Redis.from_url(redis_url).get(REDIS_PREFIX + "doubler"))

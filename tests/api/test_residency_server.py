@@ -27,13 +27,14 @@ import pytest
 import torch
 from torch import nn
 
-from tests.support import ServerThread, doubler_toml, free_port, metric, slow_row
+from tests.support import ServerThread, doubler_toml, eventually, free_port, metric, slow_row
 
 MODELS = 40
 HOLDS = 8
 FLOATS = 768 * 1024  # 3 MiB of float32 ballast per model
 REQUESTS = 2000
 CONNECTIONS = 16
+QUEUED = "torchgate_queue_rows"
 
 
 class Weighted(nn.Module):
@@ -150,7 +151,7 @@ def serving(repo: Path, log: Path, **env: str) -> Iterator[tuple[subprocess.Pope
                 except httpx.TransportError:
                     pass
                 assert time.monotonic() < deadline, "server did not come up"
-                time.sleep(0.1)
+                time.sleep(0.1)  # pacing: a poll
             yield proc, url
         finally:
             proc.send_signal(signal.SIGTERM)
@@ -305,7 +306,7 @@ def test_models_evicted_while_traffic_continues_fail_no_request(tmp_path: Path, 
         threads = [threading.Thread(target=traffic, args=(i, n)) for i, n in enumerate("abcd")]
         for thread in threads:
             thread.start()
-        time.sleep(3)
+        time.sleep(3)  # pacing: three seconds of traffic
         stop.set()
         for thread in threads:
             thread.join()
@@ -320,7 +321,10 @@ def test_models_evicted_while_traffic_continues_fail_no_request(tmp_path: Path, 
             before = metric(c.get("/metrics").text, "torchgate_model_evictions_total", model="a")
             with ThreadPoolExecutor(6) as pool:
                 slow = [pool.submit(predict, c, "a", slow_row(8)) for _ in range(4)]
-                time.sleep(0.1)  # one computing, three queued behind it
+                # one computing, three queued behind it
+                eventually(
+                    lambda: metric(c.get("/metrics").text, QUEUED, model="a", version="1") == 3
+                )
                 others = [predict(c, name, ROW) for name in "bcdbc"]
                 answers = [f.result() for f in slow]
             text = c.get("/metrics").text
@@ -400,7 +404,7 @@ def test_index_status_and_readiness_show_loaded_loading_and_unloaded(tmp_path: P
             deadline = time.monotonic() + 10
             while c.get("/v1/models/slow").json()["residency"] != "loading":
                 assert time.monotonic() < deadline and not first.done()
-                time.sleep(0.005)
+                time.sleep(0.005)  # pacing: a poll
             loading = [e for e in c.post("/v2/repository/index").json() if e["name"] == "slow"]
             assert loading[0]["state"] == "LOADING"
             assert right(first.result(), 1.0)

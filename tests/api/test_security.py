@@ -117,7 +117,7 @@ def test_the_window_refills(make_settings):
     with ServerThread(settings) as server, httpx.Client(base_url=server.url) as client:
         codes = [client.post("/predict", json=GOOD).status_code for _ in range(5)]
         assert codes == [200] * 4 + [429]  # auth off: limited per client address
-        time.sleep(2.1)
+        time.sleep(2.1)  # pacing: the one-second window passes, twice over
         assert client.post("/predict", json=GOOD).status_code == 200
 
 
@@ -288,7 +288,7 @@ def test_redis_going_away_fails_open_and_counts_errors(tmp_path, make_settings):
             codes = set()
             for _ in range(5):
                 codes.add(client.post("/predict", json=GOOD).status_code)
-                time.sleep(0.3)
+                time.sleep(0.3)  # pacing
             assert codes == {200}
             text = client.get("/metrics").text
             assert metric(text, "torchgate_ratelimit_backend_errors_total") >= 2

@@ -426,7 +426,7 @@ async def fifty_at_once(
     tasks = [asyncio.ensure_future(cache.run([x.copy()], len(x), USE, compute)) for _ in range(50)]
     await compute.started.wait()
     for _ in range(20):
-        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # pacing: yields, so that every task makes its lookup
     compute.gate.set()
     answers = await asyncio.gather(*tasks)
     for outputs, _ in answers:
@@ -480,7 +480,7 @@ def test_a_cancelled_owner_lets_its_joiners_recompute(doubler) -> None:
             asyncio.ensure_future(cache.run([x.copy()], 1, USE, joiner_compute)) for _ in range(3)
         ]
         for _ in range(5):
-            await asyncio.sleep(0)
+            await asyncio.sleep(0)  # pacing: yields, so that every joiner makes its lookup
         assert joiner_compute.calls == []  # they wait for the owner's computation
         owner.cancel()  # the owner's client went away
         with pytest.raises(asyncio.CancelledError):
@@ -506,7 +506,7 @@ def test_a_partial_request_joins_rows_another_request_is_computing(doubler) -> N
         second = Compute(doubler)
         b = asyncio.ensure_future(cache.run([rows(2, 3, 1)], 3, USE, second))
         for _ in range(5):
-            await asyncio.sleep(0)
+            await asyncio.sleep(0)  # pacing: yields, so that b makes its lookup
         first.gate.set()
         (out_a, status_a), (out_b, status_b) = await asyncio.gather(a, b)
         assert (status_a, status_b) == ("MISS", "PARTIAL")

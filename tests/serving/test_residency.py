@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 import pytest
 from prometheus_client import CollectorRegistry
 
+from tests.support import until
 from torchgate.errors import ModelNotReady
 from torchgate.metrics import Metrics
 from torchgate.serving.budget import Limits
@@ -58,7 +59,7 @@ class Table:
         self.loads[name] += 1
         if name in self.gates:
             await self.gates[name].wait()
-        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # pacing: a load yields to the loop, as a real one does
         if name in self.broken:
             raise LoadFailed(f"{name}/1/model.pt: not a loadable TorchScript archive")
         self.serving.add(name)
@@ -66,7 +67,7 @@ class Table:
         return Loaded({"cpu": size}, self.policies.get(name, ON_DEMAND), 2.0)
 
     async def remove(self, name: str) -> None:
-        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # pacing: so does a removal
         self.serving.discard(name)
         self.removed.append(name)
 
@@ -86,6 +87,12 @@ def build(
 
 def value(metrics: Metrics, name: str, **labels: str) -> float:
     return metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+async def hold(holding: asyncio.Event, done: asyncio.Event) -> None:
+    """A request's work: says it holds its model, then holds it until `done`."""
+    holding.set()
+    await done.wait()
 
 
 async def request(residency: Residency, name: str, work: Awaitable[object] | None = None) -> str:
@@ -111,8 +118,8 @@ def test_fifty_concurrent_first_requests_load_the_model_once():
 
     async def body() -> None:
         requests = [asyncio.create_task(request(residency, "a")) for _ in range(50)]
-        await asyncio.sleep(0.01)
-        assert residency.status("a").state is State.LOADING
+        await until(lambda: residency.status("a").state is State.LOADING)
+        assert table.loads == {"a": 1}
         table.gates["a"].set()
         assert await asyncio.gather(*requests) == ["a"] * 50
         assert table.loads == {"a": 1}
@@ -170,11 +177,11 @@ def test_a_model_in_use_is_never_evicted_and_the_load_waits_for_it():
     residency, _ = build(table, MB)
 
     async def body() -> None:
-        done = asyncio.Event()
-        using_a = asyncio.create_task(request(residency, "a", done.wait()))
-        await asyncio.sleep(0.01)
+        done, holding = asyncio.Event(), asyncio.Event()
+        using_a = asyncio.create_task(request(residency, "a", hold(holding, done)))
+        await holding.wait()
         wanting_b = asyncio.create_task(request(residency, "b"))
-        await asyncio.sleep(0.1)
+        await until(lambda: residency.status("b").state is State.LOADING)
         assert not wanting_b.done() and table.removed == [] and table.loads["b"] == 0
         done.set()  # the request on a ends: a may go
         assert await wanting_b == "b"
@@ -278,9 +285,9 @@ def test_a_model_that_does_not_fit_once_measured_is_unloaded_again():
     residency, _ = build(table, 2 * MB, wait_s=0.3)
 
     async def body() -> None:
-        done = asyncio.Event()
-        using_a = asyncio.create_task(request(residency, "a", done.wait()))
-        await asyncio.sleep(0.01)
+        done, holding = asyncio.Event(), asyncio.Event()
+        using_a = asyncio.create_task(request(residency, "a", hold(holding, done)))
+        await holding.wait()
         with pytest.raises(ModelNotReady) as refused:
             await request(residency, "b")
         assert "no room to load model b" in refused.value.message
@@ -305,7 +312,7 @@ def test_what_is_held_never_exceeds_the_budget():
         async def one(name: str) -> None:
             await residency.acquire(name)
             seen.append(residency.budget.held().get("cpu", 0))
-            await asyncio.sleep(rng.random() / 200)
+            await asyncio.sleep(rng.random() / 200)  # pacing: requests of varied length
 
         async def connection() -> None:  # one request at a time, as a client connection
             for _ in range(25):

@@ -212,7 +212,7 @@ def wait_ready(proc: subprocess.Popen, url: str) -> None:
                 return
         except httpx.TransportError:
             pass
-        time.sleep(0.1)
+        time.sleep(0.1)  # pacing: a poll
     raise AssertionError("the server did not become ready")
 
 

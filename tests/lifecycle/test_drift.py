@@ -108,7 +108,7 @@ def test_the_scorer_refreshes_the_gauge_off_the_request_path():
         scorer.start()
         m.observe(VALIDATION["x"] + 4)
         for _ in range(200):
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.01)  # pacing: a poll
             if not math.isnan(gauge()):
                 break
         await scorer.aclose()
