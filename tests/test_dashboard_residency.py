@@ -74,6 +74,7 @@ PAGE = """(() => {
 })()"""
 
 
+@pytest.mark.slow
 def test_the_page_lists_the_resident_set(tmp_path: Path, make_settings):
     repo = tmp_path / "models"
     for i in range(4):

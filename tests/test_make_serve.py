@@ -14,8 +14,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.support import MODELS, ROOT, free_port
+
+pytestmark = pytest.mark.slow  # every test here takes a second or more
 
 EXAMPLE = (MODELS / "digits" / "example.json").read_bytes()
 

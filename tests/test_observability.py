@@ -29,6 +29,8 @@ from tests.support import (
 )
 from torchgate.config import Settings
 
+pytestmark = pytest.mark.slow  # every test here takes a second or more
+
 DOUBLER = "/v1/models/doubler:predict"
 DIGITS = "/v1/models/digits:predict"
 ROUTE = "/v1/models/{name}:predict"

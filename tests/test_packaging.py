@@ -8,7 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.support import ROOT
+
+pytestmark = pytest.mark.slow  # every test here takes a second or more
 
 
 def test_building_the_package_prints_no_deprecation(tmp_path: Path):

@@ -17,6 +17,8 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 import perf_analyzer  # noqa: E402
 
+pytestmark = pytest.mark.slow  # every test here takes a second or more
+
 
 @pytest.fixture(scope="module")
 def tool() -> perf_analyzer.PerfAnalyzer:

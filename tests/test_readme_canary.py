@@ -10,7 +10,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.support import ROOT, copy_digits, run_cli, server_process
+
+pytestmark = pytest.mark.slow  # every test here takes a second or more
 
 README = ROOT / "README.md"
 

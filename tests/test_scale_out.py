@@ -28,6 +28,8 @@ from tests.support import (
 from torchgate.config import Settings
 from torchgate.keys import key_file_entry
 
+pytestmark = pytest.mark.slow  # replicas sharing a Redis of their own
+
 REDIS_URL = "redis://127.0.0.1:6379/0"
 LIMIT = 15
 

@@ -8,6 +8,8 @@ import pytest
 
 from tests.support import MODELS, eventually, metric
 
+pytestmark = pytest.mark.slow  # every test here takes a second or more
+
 GOOD = {"instances": [np.load(MODELS / "digits" / "validation.npz")["x"][0].tolist()]}
 ROW = [[[[0.0] * 8 for _ in range(8)]]]  # one row, shape [1, 8, 8]
 

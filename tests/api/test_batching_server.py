@@ -27,6 +27,8 @@ from tests.support import (
     write_model,
 )
 
+pytestmark = pytest.mark.slow  # every test here takes a second or more
+
 
 def inflight(text: str) -> float:
     return metric(text, "torchgate_inflight_requests")

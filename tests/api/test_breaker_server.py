@@ -87,6 +87,7 @@ def _digits_body(tmp_path: Path) -> dict:
     return {"instances": x.tolist()}
 
 
+@pytest.mark.slow
 def test_a_broken_model_opens_probes_and_closes_while_the_pod_stays_ready(
     two_models, tmp_path: Path
 ) -> None:
@@ -202,6 +203,7 @@ def test_poisoned_requests_from_several_callers_count(tmp_path: Path, make_setti
         assert client.get("/health/ready").status_code == 200
 
 
+@pytest.mark.slow
 def test_client_errors_and_shed_load_never_open_the_circuit(two_models, tmp_path: Path) -> None:
     with two_models(max_queue_rows=2) as server, httpx.Client(base_url=server.url) as client:
         view = View(client, _digits_body(tmp_path))
@@ -260,6 +262,7 @@ async def _until(client: httpx.AsyncClient, name: str, value: float) -> None:
         await asyncio.sleep(0.01)  # pacing: a poll, the metric decides
 
 
+@pytest.mark.slow
 def test_a_poisoned_input_among_healthy_neighbours_does_not_open_the_circuit(
     tmp_path, make_settings
 ):

@@ -80,6 +80,7 @@ def test_a_repeated_request_is_a_hit_with_the_same_answer(client: httpx.Client) 
     assert probe.read()["entries"] == 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["settings", "model.toml"])
 def test_a_short_ttl_expires(serve, where: str) -> None:
     ttl = 1.0

@@ -20,6 +20,8 @@ from tests.support import Doubler, ServerThread, doubler_toml, metric, own_redis
 from torchgate.keys import key_file_entry
 from torchgate.lifecycle.rollout_state import REDIS_PREFIX
 
+pytestmark = pytest.mark.slow  # every test here takes a second or more
+
 KEYS = [f"tg_caller_{i:04d}_" + "k" * 32 for i in range(1021)]
 ADMIN_KEY = "tg_admin_" + "a" * 40
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}

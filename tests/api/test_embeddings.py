@@ -20,6 +20,8 @@ from tests.support import ROOT, ServerThread, metric, run_cli
 from torchgate.config import Settings
 from torchgate.keys import key_file_entry
 
+pytestmark = pytest.mark.slow  # the MiniLM model, exported and served
+
 TEXTS = [
     "A man is eating food.",
     "Two dogs play in the snow.",

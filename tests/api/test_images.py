@@ -38,6 +38,7 @@ def server():
         yield running
 
 
+@pytest.mark.slow
 def test_the_examples_are_answered_right_in_every_form(server):
     assert len(EXAMPLES) >= 4
     with httpx.Client(base_url=server.url) as client:

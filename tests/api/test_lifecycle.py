@@ -20,7 +20,7 @@ import pytest
 import torch
 from torch import nn
 
-from tests.serving.test_validation import Constant
+from tests.lifecycle.test_validation import Constant
 from tests.support import (
     BREAK,
     MODELS,
@@ -119,6 +119,7 @@ def test_versions_are_served_side_by_side(tmp_path: Path, make_settings):
         }
 
 
+@pytest.mark.slow
 def test_a_healthy_canary_steps_up_and_becomes_the_default(
     tmp_path: Path, make_settings, keys_file: Path
 ):
@@ -158,6 +159,7 @@ def test_a_healthy_canary_steps_up_and_becomes_the_default(
             assert decisions(c, decision) == count
 
 
+@pytest.mark.slow
 def test_a_failing_canary_is_rolled_back_before_min_requests(
     tmp_path: Path, make_settings, keys_file: Path
 ):
@@ -193,6 +195,7 @@ def test_a_failing_canary_is_rolled_back_before_min_requests(
     )
 
 
+@pytest.mark.slow
 def test_manual_weights_keep_each_key_on_one_version(
     tmp_path: Path, make_settings, keys_file: Path
 ):
@@ -244,6 +247,7 @@ def _busy(server: ServerThread, name: str, version: int) -> bool:
     return server.app.state.registry.get(name).versions[version].batcher.busy
 
 
+@pytest.mark.slow
 def test_hot_reload_adds_and_removes_versions_without_failing_requests(
     tmp_path: Path, make_settings
 ):
@@ -308,6 +312,7 @@ def test_hot_reload_adds_and_removes_versions_without_failing_requests(
         assert old() is None  # the unloaded version's TorchScript module is freed
 
 
+@pytest.mark.slow
 def test_a_reload_keeps_an_unchanged_canary_and_follows_a_changed_one(
     tmp_path: Path, make_settings
 ):
@@ -342,6 +347,7 @@ def index(c: httpx.Client, **headers: str) -> dict[str, dict[str, str]]:
     return {e["version"]: e for e in entries if e["name"] == "digits"}
 
 
+@pytest.mark.slow
 def test_admin_loads_hold_new_versions_to_the_accuracy_gate(tmp_path: Path, make_settings, caplog):
     folder = copy_digits(tmp_path)
     settings = make_settings(models=tmp_path, model_control="explicit", cache_ttl_s=0)
@@ -383,6 +389,7 @@ def test_admin_loads_hold_new_versions_to_the_accuracy_gate(tmp_path: Path, make
         assert [e["state"] for e in index(c).values()] == ["UNAVAILABLE", "READY"]
 
 
+@pytest.mark.slow
 def test_a_restart_does_not_serve_a_version_that_fails_the_gate(tmp_path: Path, make_settings):
     folder = copy_digits(tmp_path)
     example = json.loads((MODELS / "digits" / "example.json").read_text())
@@ -410,6 +417,7 @@ def test_a_restart_does_not_serve_a_version_that_fails_the_gate(tmp_path: Path, 
         assert r.status_code == 404
 
 
+@pytest.mark.slow
 def test_a_server_whose_default_fails_serves_another_or_refuses_to_start(
     tmp_path: Path, make_settings, caplog
 ):
@@ -433,6 +441,7 @@ def test_a_server_whose_default_fails_serves_another_or_refuses_to_start(
     )
 
 
+@pytest.mark.slow
 def test_a_load_that_changes_nothing_keeps_versions_and_cache(tmp_path: Path, make_settings):
     folder = write_model(tmp_path, "doubler", Doubler(), doubler_toml(), versions=(1, 2))
     settings = make_settings(models=tmp_path, model_control="explicit")
@@ -461,6 +470,7 @@ def test_a_load_that_changes_nothing_keeps_versions_and_cache(tmp_path: Path, ma
         assert c.post("/v1/models/doubler:predict", json=body).headers["x-cache"] == "HIT"
 
 
+@pytest.mark.slow
 def test_an_unloaded_version_leaves_no_series_behind(tmp_path: Path, make_settings):
     folder = write_model(tmp_path, "doubler", Breakable(), doubler_toml(), versions=(1, 2))
     settings = make_settings(

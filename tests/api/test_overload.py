@@ -8,8 +8,11 @@ import socket
 import time
 
 import httpx
+import pytest
 
 from tests.support import Doubler, ServerThread, doubler_toml, metric, slow_row, write_model
+
+pytestmark = pytest.mark.slow  # every test here takes a second or more
 
 SLOW = {"instances": [slow_row(20)]}
 

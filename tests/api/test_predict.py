@@ -11,6 +11,8 @@ import torch
 
 from tests.support import MODELS, ServerThread
 
+pytestmark = pytest.mark.slow  # every test here takes a second or more
+
 VALIDATION = np.load(MODELS / "digits" / "validation.npz")
 
 

@@ -34,7 +34,7 @@ HOLDS = 8
 FLOATS = 768 * 1024  # 3 MiB of float32 ballast per model
 REQUESTS = 2000
 CONNECTIONS = 16
-QUEUED = "torchgate_queue_rows"
+STARTED = "torchgate_queue_wait_seconds_count"
 
 
 class Weighted(nn.Module):
@@ -171,6 +171,7 @@ def zipf_names(count: int, models: int, seed: int = 16, s: float = 1.1) -> list[
     return [int(order[r]) for r in ranks]
 
 
+@pytest.mark.slow
 def test_forty_models_with_a_budget_of_eight_under_zipf_traffic(forty: Path, tmp_path: Path):
     budget = budget_for(forty, HOLDS)
     log = tmp_path / "server.log"
@@ -258,6 +259,7 @@ def test_forty_models_with_a_budget_of_eight_under_zipf_traffic(forty: Path, tmp
 # single flight ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_fifty_concurrent_first_requests_cause_exactly_one_load(
     tmp_path: Path, make_settings, caplog: pytest.LogCaptureFixture
 ):
@@ -286,6 +288,7 @@ def test_fifty_concurrent_first_requests_cause_exactly_one_load(
 # eviction under traffic -------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_models_evicted_while_traffic_continues_fail_no_request(tmp_path: Path, make_settings):
     for i, name in enumerate("abcd"):
         save(tmp_path, name, Weighted(float(i), FLOATS), toml(cached=False))
@@ -318,12 +321,16 @@ def test_models_evicted_while_traffic_continues_fail_no_request(tmp_path: Path, 
         # requests queued on a: it stays while b and c come and go around it
         with httpx.Client(base_url=server.url, timeout=60) as c:
             predict(c, "a", ROW)
-            before = metric(c.get("/metrics").text, "torchgate_model_evictions_total", model="a")
+            text = c.get("/metrics").text
+            before = metric(text, "torchgate_model_evictions_total", model="a")
+            started = metric(text, STARTED, model="a", version="1")
             with ThreadPoolExecutor(6) as pool:
                 slow = [pool.submit(predict, c, "a", slow_row(8)) for _ in range(4)]
-                # one computing, three queued behind it
+                # one computing (the other three, the same row, wait for its answer)
                 eventually(
-                    lambda: metric(c.get("/metrics").text, QUEUED, model="a", version="1") == 3
+                    lambda: (
+                        metric(c.get("/metrics").text, STARTED, model="a", version="1") > started
+                    )
                 )
                 others = [predict(c, name, ROW) for name in "bcdbc"]
                 answers = [f.result() for f in slow]
@@ -382,6 +389,7 @@ def test_a_corrupt_model_answers_503_on_demand_and_the_others_serve(
 # what the server says ---------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_index_status_and_readiness_show_loaded_loading_and_unloaded(tmp_path: Path, make_settings):
     save(tmp_path, "pinned", Weighted(1.0, 1024), toml("pinned"))
     save(tmp_path, "startup", Weighted(2.0, 1024), toml("startup"))
@@ -432,6 +440,7 @@ def test_v2_metadata_and_config_of_an_unloaded_model_load_it(tmp_path: Path, mak
         assert c.get("/v2/models/nothing").status_code == 404
 
 
+@pytest.mark.slow
 def test_a_start_up_set_over_the_budget_refuses_to_start(tmp_path: Path):
     for name in ("a", "b"):
         save(tmp_path, name, Weighted(1.0, 256 * 1024), toml("startup"))

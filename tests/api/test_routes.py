@@ -60,6 +60,7 @@ def test_matching():
     assert table.match("GET", "/nowhere").route is None
 
 
+@pytest.mark.slow
 def test_404_and_405_come_from_the_table(digits_server):
     url = digits_server.url
     answer = httpx.get(url + "/predict")
@@ -74,6 +75,7 @@ def test_404_and_405_come_from_the_table(digits_server):
     assert 'route="unmatched"' in text
 
 
+@pytest.mark.slow
 def test_middleware_added_by_a_user_sees_the_inference_routes(make_settings):
     seen: list[str] = []
 

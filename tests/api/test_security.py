@@ -52,6 +52,7 @@ def bearer(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
 
+@pytest.mark.slow
 def test_keys_and_scopes(secured):
     url = secured.url + "/predict"
     r = httpx.post(url, json=GOOD)
@@ -70,6 +71,7 @@ def test_keys_and_scopes(secured):
         assert httpx.get(secured.url + open_path).status_code == 200
 
 
+@pytest.mark.slow
 def test_keys_never_reach_logs(secured, caplog):
     caplog.set_level(logging.INFO)
     httpx.post(secured.url + "/predict", json=GOOD, headers=bearer(INFER_KEY))
@@ -79,6 +81,7 @@ def test_keys_never_reach_logs(secured, caplog):
     assert any(getattr(r, "key_name", None) == "app1" for r in caplog.records)
 
 
+@pytest.mark.slow
 def test_metrics_can_require_a_key(make_settings, keys_file):
     settings = make_settings(auth="on", api_keys_file=keys_file, metrics_require_key=True)
     with ServerThread(settings) as server:
@@ -87,6 +90,7 @@ def test_metrics_can_require_a_key(make_settings, keys_file):
         assert httpx.get(server.url + "/health/ready").status_code == 200
 
 
+@pytest.mark.slow
 def test_the_101st_request_in_a_minute_is_429(make_settings, keys_file):
     settings = make_settings(auth="on", api_keys_file=keys_file, rate_limit="100/minute")
     with ServerThread(settings) as server, httpx.Client(base_url=server.url) as client:
@@ -112,6 +116,7 @@ def test_the_101st_request_in_a_minute_is_429(make_settings, keys_file):
         assert 'torchgate_ratelimit_rejections_total{policy="default"} 1.0' in text
 
 
+@pytest.mark.slow
 def test_the_window_refills(make_settings):
     settings = make_settings(rate_limit="4/second")
     with ServerThread(settings) as server, httpx.Client(base_url=server.url) as client:
@@ -121,6 +126,7 @@ def test_the_window_refills(make_settings):
         assert client.post("/predict", json=GOOD).status_code == 200
 
 
+@pytest.mark.slow
 def test_limiter_memory_does_not_grow_with_bad_keys(make_settings, keys_file):
     settings = make_settings(auth="on", api_keys_file=keys_file, rate_limit="100/minute")
     with ServerThread(settings) as server:
@@ -147,6 +153,7 @@ def _limiter_counters(server: ServerThread):
     raise AssertionError("no rate limiter in the middleware stack")
 
 
+@pytest.mark.slow
 def test_wrong_content_type_and_encodings(digits_server):
     url = digits_server.url + "/predict"
     r = httpx.post(
@@ -161,6 +168,7 @@ def test_wrong_content_type_and_encodings(digits_server):
     assert r.status_code == 415 and "compressed" in r.json()["error"]
 
 
+@pytest.mark.slow
 def test_declared_oversize_body_is_refused_before_it_is_read(make_settings):
     with ServerThread(make_settings(max_body_bytes=4096)) as server:
         r = httpx.post(
@@ -179,6 +187,7 @@ def _rss_kib(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
+@pytest.mark.slow
 def test_50_mib_chunked_body_is_cut_off_with_413_without_growing_memory(tmp_path):
     with server_process("--models", str(MODELS), "--default-model", "digits", "--no-auth") as (
         proc,
@@ -212,6 +221,7 @@ def test_50_mib_chunked_body_is_cut_off_with_413_without_growing_memory(tmp_path
         assert httpx.post(url + "/predict", json=GOOD).status_code == 200
 
 
+@pytest.mark.slow
 def test_a_trickling_body_is_cut_off_with_408(make_settings):
     with ServerThread(make_settings(body_timeout_s=1.0)) as server:
         sock = socket.create_connection(("127.0.0.1", server.port))
@@ -234,6 +244,7 @@ def test_serve_refuses_to_start_without_keys(tmp_path):
     assert "no API keys configured" in result.stderr and "--no-auth" in result.stderr
 
 
+@pytest.mark.slow
 def test_keys_new_prints_a_key_once_and_its_entry(tmp_path):
     keys_file = tmp_path / "keys.toml"
     result = run_cli(
@@ -258,6 +269,7 @@ def test_keys_new_prints_a_key_once_and_its_entry(tmp_path):
 # shared limits in Redis ----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_two_servers_sharing_redis_enforce_one_limit(tmp_path):
     assert redis_up(6379), "the tests need Redis on 127.0.0.1:6379 (.ci/run starts it)"
     key = f"tg_shared_{uuid.uuid4().hex}"
@@ -277,6 +289,7 @@ def test_two_servers_sharing_redis_enforce_one_limit(tmp_path):
         assert codes == [200] * 10 + [429, 429]
 
 
+@pytest.mark.slow
 def test_redis_going_away_fails_open_and_counts_errors(tmp_path, make_settings):
     with own_redis() as (redis, url):
         settings = make_settings(rate_limit="1000/minute", redis_url=url)

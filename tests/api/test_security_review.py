@@ -95,6 +95,7 @@ def text_repo(tmp_path_factory) -> Path:
     return repo
 
 
+@pytest.mark.slow
 def test_a_112_byte_request_allocates_nothing_and_the_loop_keeps_answering(text_repo):
     with (
         server_process("--models", str(text_repo), "--no-auth") as (proc, url),
@@ -120,6 +121,7 @@ def test_a_112_byte_request_allocates_nothing_and_the_loop_keeps_answering(text_
         assert client.get("/health/ready").status_code == 200
 
 
+@pytest.mark.slow
 def test_millions_of_empty_strings_are_refused_off_the_event_loop(text_repo):
     n = (9 * 1024 * 1024) // 4
     strings = b'{"instances": [[' + b",".join([b'""'] * n) + b"]]}"
@@ -190,6 +192,7 @@ class Tripler(nn.Module):
         return x * 3
 
 
+@pytest.mark.slow
 def test_the_pinned_digest_and_the_loaded_model_come_from_the_same_bytes(tmp_path: Path):
     """A file swapped while versions load (300 times) is either refused by its pin or not
     read at all: the pinned model is the only one ever loaded."""
@@ -275,6 +278,7 @@ def test_the_cache_does_not_tell_one_key_what_another_asked(
             assert any('result="hit"} 2.0' in line for line in hits)
 
 
+@pytest.mark.slow
 def test_concurrent_loads_of_one_model_leave_no_runner_behind(tmp_path, make_settings):
     write_model(tmp_path, "doubler", Doubler(), doubler_toml(), versions=(1, 2))
     settings = make_settings(models=tmp_path, model_control="explicit", cache_ttl_s=0)
@@ -319,6 +323,7 @@ def _raw_request(port: int, head: bytes) -> bytes:
         return b"".join(chunks)
 
 
+@pytest.mark.slow
 def test_oversized_request_heads_are_refused(text_repo):
     with server_process("--models", str(text_repo), "--no-auth") as (proc, url):
         port = int(url.rsplit(":", 1)[1])

@@ -228,6 +228,7 @@ def test_denied_text_is_refused_before_the_tokenizer(server):
     )
 
 
+@pytest.mark.slow
 def test_model_folder_files_are_never_imported_or_read(tmp_path, text_repo):
     """A handler.py and a pickle beside the model, as TorchServe and Triton archives carry:
     torchgate never opens them, with a text and an image model served."""

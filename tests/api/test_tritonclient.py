@@ -85,6 +85,7 @@ def tensor(name: str, array: np.ndarray, datatype: str, binary: bool) -> httpcli
     return given
 
 
+@pytest.mark.slow
 def test_probes_metadata_and_index(client):
     assert client.is_server_live(headers=auth())
     assert client.is_server_ready(headers=auth())
@@ -112,6 +113,7 @@ def test_probes_metadata_and_index(client):
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
 def test_infer_matches_a_direct_forward(client, repo, binary):
     rows = X[:10]
@@ -164,6 +166,7 @@ def test_only_the_requested_output_comes_back(client):
     np.testing.assert_array_equal(result.as_numpy("dot"), [4.0, 4.0])
 
 
+@pytest.mark.slow
 def test_errors_reach_the_client_as_messages(client):
     bad = tensor("input", X[:2, :, :4], "FP32", True)
     with pytest.raises(InferenceServerException) as info:
@@ -173,6 +176,7 @@ def test_errors_reach_the_client_as_messages(client):
     assert client.is_model_ready("digits", headers=auth())
 
 
+@pytest.mark.slow
 def test_unload_then_load(client):
     a = np.ones((1, 4), dtype=np.float32)
     b = np.ones((1, 4), dtype=np.int64)
@@ -192,6 +196,7 @@ def test_unload_then_load(client):
     )
 
 
+@pytest.mark.slow
 def test_a_server_without_model_control_refuses_load_and_unload(repo, make_settings):
     with ServerThread(make_settings(models=repo)) as server:
         client = httpclient.InferenceServerClient(url=f"127.0.0.1:{server.port}")
@@ -206,6 +211,7 @@ def test_a_server_without_model_control_refuses_load_and_unload(repo, make_setti
             client.close()
 
 
+@pytest.mark.slow
 def test_aio_client_32_concurrent_infers(server, repo):
     rows = X[:32]
     [expected] = forward(repo, "digits", rows)

@@ -24,6 +24,8 @@ from tests.support import (
 )
 from torchgate.config import Settings
 
+pytestmark = pytest.mark.slow  # every test here takes a second or more
+
 ROWS = np.load(MODELS / "digits" / "validation.npz")["x"][:8].astype(np.float32)
 
 

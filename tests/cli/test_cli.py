@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.support import MODELS, copy_digits, free_port, run_cli, server_process
 
@@ -20,6 +21,7 @@ def _serve(models: Path):
     return run_cli("serve", "--models", str(models), "--port", "0", "--no-auth")
 
 
+@pytest.mark.slow
 def test_corrupt_model_file_stops_serve(tmp_path: Path):
     folder = copy_digits(tmp_path)
     (folder / "1" / "model.pt").write_bytes(b"PK\x03\x04 definitely not a TorchScript archive")
@@ -31,6 +33,7 @@ def test_corrupt_model_file_stops_serve(tmp_path: Path):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_model_toml_missing_a_field_stops_serve(tmp_path: Path):
     folder = copy_digits(tmp_path)
     toml = folder / "model.toml"
@@ -46,6 +49,7 @@ def test_model_toml_missing_a_field_stops_serve(tmp_path: Path):
     )
 
 
+@pytest.mark.slow
 def test_shape_mismatch_stops_serve(tmp_path: Path):
     folder = copy_digits(tmp_path)
     toml = folder / "model.toml"
@@ -62,6 +66,7 @@ def test_shape_mismatch_stops_serve(tmp_path: Path):
     )
 
 
+@pytest.mark.slow
 def test_missing_repository_and_bad_setting(tmp_path: Path):
     result = _serve(tmp_path / "nowhere")
     assert result.returncode != 0 and "not a directory" in result.stderr
@@ -69,6 +74,7 @@ def test_missing_repository_and_bad_setting(tmp_path: Path):
     assert result.returncode != 0 and "device" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_serve_runs_and_stops_cleanly(tmp_path: Path):
     copy_digits(tmp_path)
     with server_process("--models", str(tmp_path), "--no-auth") as (proc, url):
@@ -81,6 +87,7 @@ def _without_preprocess(toml: Path) -> str:
     return text[: text.index("# A picture")]
 
 
+@pytest.mark.slow
 def test_input_shape_the_model_cannot_take_names_the_cause_and_the_shapes(tmp_path: Path):
     folder = copy_digits(tmp_path)
     toml = folder / "model.toml"
@@ -97,6 +104,7 @@ def test_input_shape_the_model_cannot_take_names_the_cause_and_the_shapes(tmp_pa
     assert "TorchScript interpreter" not in line and "RuntimeError" not in line
 
 
+@pytest.mark.slow
 def test_several_problems_in_model_toml_are_each_listed_in_plain_words(tmp_path: Path):
     folder = copy_digits(tmp_path)
     toml = folder / "model.toml"
@@ -126,6 +134,7 @@ def test_several_problems_in_model_toml_are_each_listed_in_plain_words(tmp_path:
         assert artefact not in line, line
 
 
+@pytest.mark.slow
 def test_each_missing_field_of_model_toml_is_named(tmp_path: Path):
     folder = copy_digits(tmp_path)
     toml = folder / "model.toml"
@@ -164,6 +173,7 @@ def test_a_port_in_use_is_found_before_any_model_loads(tmp_path: Path):
     assert elapsed < 20
 
 
+@pytest.mark.slow
 def test_api_key_flags_serve_those_keys_and_never_log_them(tmp_path: Path):
     copy_digits(tmp_path)
     first, second = "dev-key-" + "a" * 24, "dev-key-" + "b" * 24

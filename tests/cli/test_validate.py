@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.serving.test_validation import Constant
+from tests.lifecycle.test_validation import Constant
 from tests.support import ROOT, copy_digits, run_cli
 from torchgate import cli
 
@@ -32,6 +32,7 @@ def write_constant(folder: Path, version: int) -> None:
     torch.jit.script(Constant()).save(str(folder / str(version) / "model.pt"))
 
 
+@pytest.mark.slow
 def test_the_command_passes_the_bundled_model(digits: Path):
     result = run_cli("validate", str(digits))
     assert result.returncode == 0, result.stdout + result.stderr

@@ -25,7 +25,7 @@ import yaml
 from torch import nn
 
 from scripts import canary_gates
-from tests.serving.test_validation import Constant
+from tests.lifecycle.test_validation import Constant
 from tests.support import MODELS, ROOT, copy_digits, free_port, promtool, server_process
 
 WORKFLOW = ROOT / ".github" / "workflows" / "pipeline.yml"
@@ -181,6 +181,7 @@ def test_hadolint_target_passes_and_the_image_is_tagged_with_the_commit() -> Non
 # --------------------------------------------------------------------------- validate
 
 
+@pytest.mark.slow
 def test_make_validate_passes_the_bundled_models() -> None:
     result = make("validate")
     assert result.returncode == 0, output(result)
@@ -212,6 +213,7 @@ def bad_accuracy(digits: Path) -> str:
     return "is under 0.95"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("breaks", "failing"),
     [(tamper_pin, "digits/1"), (wrong_signature, "digits/1"), (bad_accuracy, "digits/2")],
@@ -225,6 +227,7 @@ def test_make_validate_fails_a_broken_version(tmp_path: Path, breaks, failing: s
     assert f"validate: FAIL: {failing} (1 of" in result.stdout
 
 
+@pytest.mark.slow
 def test_make_validate_checks_pin_and_signature_without_validation_data(tmp_path: Path) -> None:
     digits = copy_digits(tmp_path)
     (digits / "validation.npz").unlink()
@@ -244,6 +247,7 @@ def test_make_validate_fails_an_empty_repository(tmp_path: Path) -> None:
 # ------------------------------------------------------------------- deploy: manifests
 
 
+@pytest.mark.slow
 def test_make_manifests_renders_and_validates_every_overlay() -> None:
     kubectl()
     result = make("manifests")
@@ -265,6 +269,7 @@ def patch_of_nothing(text: str) -> str:
     return text.replace("name: torchgate\n", "name: torchgat\n", 1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("breaks", "problem"),
     [
@@ -360,6 +365,7 @@ def server() -> Iterator[str]:
         yield url
 
 
+@pytest.mark.slow
 def test_make_smoke_passes_against_a_real_server(server: str) -> None:
     result = make("smoke", f"SMOKE_URL={server}", env={"TORCHGATE_API_KEY": KEY})
     assert result.returncode == 0, output(result)
@@ -368,12 +374,14 @@ def test_make_smoke_passes_against_a_real_server(server: str) -> None:
     )
 
 
+@pytest.mark.slow
 def test_smoke_fails_when_the_prediction_is_refused(server: str) -> None:
     result = make("smoke", f"SMOKE_URL={server}", env={"TORCHGATE_API_KEY": "not-a-key"})
     assert result.returncode != 0
     assert "smoke: FAIL: POST /predict answered 401" in result.stdout, output(result)
 
 
+@pytest.mark.slow
 def test_smoke_fails_when_the_server_is_never_ready() -> None:
     result = subprocess.run(
         [
@@ -456,6 +464,7 @@ def prometheus() -> Iterator[type[Prometheus]]:
     ],
     ids=["gates-hold", "errors", "latency", "too-little-traffic", "no-data"],
 )
+@pytest.mark.slow
 def test_make_canary_gates(prometheus, values, passed: bool, line: str) -> None:
     prometheus.values.update(values)
     result = make("canary-gates", f"PROMETHEUS_URL={prometheus.url}")
@@ -463,6 +472,7 @@ def test_make_canary_gates(prometheus, values, passed: bool, line: str) -> None:
     assert f"canary: {line}" in result.stdout
 
 
+@pytest.mark.slow
 def test_canary_gate_queries_parse(tmp_path: Path) -> None:
     """promtool has no query checker, so each gate's query becomes a recording rule."""
     rules = [

@@ -117,6 +117,7 @@ def test_the_callers_remembered_are_bounded():
 # gates against the stable version ----------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_an_identical_copy_failing_the_same_inputs_is_never_rolled_back():
     for seed in range(40):
         canary, *_ = make(min_requests=100_000)

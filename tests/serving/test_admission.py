@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.serving.test_validation import Constant, FailsOnRealInput, add_version
+from tests.lifecycle.test_validation import Constant, FailsOnRealInput, add_version
 from tests.support import MODELS, copy_digits
 from torchgate.errors import ModelLoadError
 from torchgate.lifecycle.gate import AdmissionRefused

@@ -152,6 +152,7 @@ print(",".join(k.hex() for k in row_keys(model, [x], 2)))
 """
 
 
+@pytest.mark.slow
 def test_row_keys_are_the_same_in_another_process(repo: Path, doubler: LoadedModel) -> None:
     result = subprocess.run(
         [sys.executable, "-c", KEY_SCRIPT, str(repo)],
