@@ -19,7 +19,7 @@ STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install install-text models-text bench-embeddings bench-residency serve test lint format bench models clean wheel hadolint image validate perf-analyzer \
+.PHONY: install install-text models-text bench-embeddings bench-residency serve test test-fast lint format bench models clean wheel hadolint image validate perf-analyzer \
 	manifests rules smoke smoke-k8s canary-gates deploy-canary deploy-production rollback-canary current-image
 
 install: $(STAMP)
@@ -67,6 +67,10 @@ serve: install
 
 test: install-text
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+# the tests not marked slow (under a minute)
+test-fast: install-text
+	$(VENV)/bin/pytest -m "not slow" $(PYTEST_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check src tests bench scripts
