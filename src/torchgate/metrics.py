@@ -7,7 +7,6 @@ for anything else count under `_unknown`), `route` is a route template or `unmat
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 from functools import partial
 
 from prometheus_client import (
@@ -37,22 +36,6 @@ FAST_BUCKETS = (
 # fmt: on
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 LOAD_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
-
-
-@dataclass(slots=True)
-class BatcherMetrics:
-    """The children one `Batcher` writes to, bound to its model and version."""
-
-    batch_size: Histogram
-    queue_rows: Gauge
-    queue_wait: Histogram
-    compute: Histogram
-    shed_queue_full: Counter
-    shed_deadline: Counter
-    batch_retries: Counter
-    tokens_real: Counter | None = None  # text models batched by tokens only
-    tokens_padded: Counter | None = None
-    padding_ratio: Gauge | None = None
 
 
 class Metrics:
@@ -263,31 +246,6 @@ class Metrics:
             ["reason"],
         )
 
-    def for_batcher(self, model: str, version: str, *, tokens: bool = False) -> BatcherMetrics:
-        children = BatcherMetrics(
-            batch_size=self.batch_size.labels(model, version),
-            queue_rows=self.queue_rows.labels(model, version),
-            queue_wait=self.queue_wait.labels(model, version),
-            compute=self.compute.labels(model, version),
-            shed_queue_full=self.shed.labels(model, "queue_full"),
-            shed_deadline=self.shed.labels(model, "deadline"),
-            batch_retries=self.batch_retries.labels(model, version),
-        )
-        if tokens:
-            children.tokens_real = self.batch_tokens.labels(model, version, "real")
-            children.tokens_padded = self.batch_tokens.labels(model, version, "padded")
-            children.padding_ratio = self.padding_ratio.labels(model, version)
-        return children
-
-    @staticmethod
-    def unbind(children: BatcherMetrics) -> None:
-        """Let a stopped batcher's gauges read nothing of it any more: a gauge read at
-        scrape time holds a function of the batcher, which holds the gauge, a cycle that
-        only a full collection would free (and with it the version's model)."""
-        children.queue_rows.set_function(_nothing)
-        if children.padding_ratio is not None:
-            children.padding_ratio.set_function(_nothing)
-
     def forget_version(self, model: str, version: str) -> None:
         """Drop every series of an unloaded version, so none lingers at a stale value (an
         open circuit's alert would keep firing for a version that is gone)."""
@@ -310,7 +268,3 @@ class Metrics:
         """Drop an unloaded model's drift score."""
         with contextlib.suppress(KeyError):
             self.drift_score.remove(model)
-
-
-def _nothing() -> float:
-    return 0.0

@@ -20,6 +20,7 @@ from tests.serving.gated import POISON, FakeClock, GatedModel
 from tests.support import Doubler, doubler_toml, until, write_model
 from torchgate.errors import DeadlineExceeded, Draining, InferenceFailed, QueueFull
 from torchgate.metrics import Metrics
+from torchgate.serving.batch_metrics import BatcherMetrics
 from torchgate.serving.batching import Batcher, BatcherOptions
 from torchgate.serving.queue import STANDING_MIN_S
 from torchgate.serving.repository import ModelRepository
@@ -41,7 +42,7 @@ def run(model, body, clock=None, **options):
         metrics = Metrics(CollectorRegistry(), version="test")
         opts = BatcherOptions(**{"max_batch_size": 4, **options})
         extra = {} if clock is None else {"clock": clock}
-        batcher = Batcher(model, opts, metrics.for_batcher("fake", "1"), **extra)
+        batcher = Batcher(model, opts, BatcherMetrics.bind(metrics, "fake", "1"), **extra)
         batcher.start()
         try:
             await body(batcher, metrics)
@@ -350,12 +351,12 @@ def test_a_closed_batcher_is_freed_without_a_collection(model):
 
     async def body() -> weakref.ref[Batcher]:
         metrics = Metrics(CollectorRegistry(), version="test")
-        children = metrics.for_batcher("fake", "1")
+        children = BatcherMetrics.bind(metrics, "fake", "1")
         batcher = Batcher(model, BatcherOptions(max_batch_size=4), children)
         batcher.start()
         await batcher.submit([rows(1)], 1, deadline=batcher.clock() + 60)
         await batcher.aclose()
-        Metrics.unbind(children)
+        children.unbind()
         return weakref.ref(batcher)
 
     gc.disable()

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from torchgate.errors import DeadlineExceeded, Draining, InferenceFailed, QueueFull
-from torchgate.metrics import BatcherMetrics
+from torchgate.serving.batch_metrics import BatcherMetrics
 from torchgate.serving.execution import BatchResult, Execution, Forward, Outcome
 from torchgate.serving.expiry import Expiry
 from torchgate.serving.queue import Pending, RequestQueue

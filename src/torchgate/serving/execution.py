@@ -18,7 +18,7 @@ from typing import Protocol
 
 import numpy as np
 
-from torchgate.metrics import BatcherMetrics
+from torchgate.serving.batch_metrics import BatcherMetrics
 from torchgate.serving.model import dummy_inputs
 from torchgate.serving.model_config import ModelConfig
 from torchgate.serving.queue import Pending

@@ -16,6 +16,7 @@ from torchgate.lifecycle.canary import Canary
 from torchgate.lifecycle.drift import DriftMonitor
 from torchgate.metrics import Metrics
 from torchgate.serving.admission import Admission
+from torchgate.serving.batch_metrics import BatcherMetrics
 from torchgate.serving.batching import Batcher, BatcherOptions
 from torchgate.serving.breaker import BreakerState, CircuitBreaker
 from torchgate.serving.budget import Bytes
@@ -132,7 +133,7 @@ def start_version(
     )
     version = str(model.version)
     tokens = options.max_batch_tokens is not None
-    batcher_metrics = metrics.for_batcher(model.name, version, tokens=tokens)
+    batcher_metrics = BatcherMetrics.bind(metrics, model.name, version, tokens=tokens)
     batcher = Batcher(model, options, batcher_metrics)
     batcher.start()
     metrics.load_bytes.labels(model.name, version).set(model.load_bytes)
@@ -173,7 +174,7 @@ async def stop_version(
     drop its batcher's metric series and its cache entries."""
     await version.batcher.drain(drain_timeout_s)
     await version.batcher.aclose()
-    metrics.unbind(version.batcher.metrics)
+    version.batcher.metrics.unbind()
     if version.preprocess is not None:
         version.preprocess.stop()
     cache.drop(version.model)
