@@ -1,4 +1,5 @@
-"""Test support: real servers (in a thread or as a `torchgate serve` process) and tiny
+"""Test support: real servers (in a thread or as a `torchgate serve` process), waiting on
+a condition rather than for a while (`until`, `eventually`, `until_started`), and tiny
 TorchScript models written into temporary model repositories."""
 
 from __future__ import annotations
