@@ -29,6 +29,8 @@ from torchgate.app import create_app
 from torchgate.config import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
+# observed once for each request as its batch starts: how many have reached a forward
+QUEUE_WAITS = "torchgate_queue_wait_seconds_count"
 MODELS = ROOT / "models"
 
 
@@ -164,7 +166,22 @@ async def started(client: httpx.AsyncClient, model: str, version: str = "1") -> 
     """How many requests of a model version have reached a forward (a request's queue wait
     is observed as its batch starts), from the server's /metrics."""
     text = (await client.get("/metrics")).text
-    return metric(text, "torchgate_queue_wait_seconds_count", model=model, version=version)
+    return metric(text, QUEUE_WAITS, model=model, version=version)
+
+
+async def until_metric(
+    client: httpx.AsyncClient,
+    name: str,
+    done: Callable[[float], bool],
+    timeout_s: float = 10.0,
+    **labels: str,
+) -> None:
+    """Scrape the server's /metrics until `done(value)` holds for one sample (absent: 0);
+    fail after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not done(metric((await client.get("/metrics")).text, name, **labels)):
+        assert time.monotonic() < deadline, f"{name} {labels} not there after {timeout_s} s"
+        await asyncio.sleep(0.01)  # pacing: a poll, the metric decides
 
 
 async def until_started(
@@ -172,10 +189,9 @@ async def until_started(
 ) -> None:
     """Wait until `count` requests of a model version have reached a forward: one sent
     before is then computing, not queued or still on its way."""
-    deadline = time.monotonic() + 30
-    while await started(client, model, version) < count:
-        assert time.monotonic() < deadline, f"{model}/{version}: {count} never started"
-        await asyncio.sleep(0.01)  # pacing: a poll, the metric decides
+    await until_metric(
+        client, QUEUE_WAITS, lambda n: n >= count, timeout_s=30, model=model, version=version
+    )
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120):

@@ -23,6 +23,7 @@ from tests.support import (
     server_process,
     slow_row,
     started,
+    until_metric,
     until_started,
     write_model,
 )
@@ -30,17 +31,8 @@ from tests.support import (
 pytestmark = pytest.mark.slow  # every test here takes a second or more
 
 
-def inflight(text: str) -> float:
-    return metric(text, "torchgate_inflight_requests")
-
-
-async def until_queued(client: httpx.AsyncClient, rows: int) -> None:
-    deadline = time.monotonic() + 30
-    text = ""
-    while metric(text, "torchgate_queue_rows", model="doubler", version="1") != rows:
-        assert time.monotonic() < deadline, f"the queue never held {rows} rows"
-        await asyncio.sleep(0.01)  # pacing: a poll, the gauge decides
-        text = (await client.get("/metrics")).text
+INFLIGHT = "torchgate_inflight_requests"  # every HTTP request, the scrape included
+DOUBLER_V1 = {"model": "doubler", "version": "1"}
 
 
 def row(i: float) -> list[float]:
@@ -197,13 +189,15 @@ def test_client_that_disconnects_before_its_batch_runs_is_not_computed(doubler_s
                     + f"Content-Length: {len(body)}\r\n\r\n".encode()
                     + body
                 )
-                await until_queued(client, 1)
+                await until_metric(
+                    client, "torchgate_queue_rows", lambda n: n == 1, 30, **DOUBLER_V1
+                )
                 sock.close()
                 return await first
 
         assert asyncio.run(go()).status_code == 200
         # every request has ended (the scrape aside): had the dropped one run, it would count
-        eventually(lambda: inflight(httpx.get(server.url + "/metrics").text) == 1)
+        eventually(lambda: metric(httpx.get(server.url + "/metrics").text, INFLIGHT) == 1)
         text = httpx.get(server.url + "/metrics").text
         assert metric(text, "torchgate_batch_size_count", model="doubler", version="1") == 1
         assert metric(text, "torchgate_batch_size_sum", model="doubler", version="1") == 1
@@ -221,8 +215,7 @@ def test_sigterm_with_50_requests_queued_answers_all_and_exits_0(tmp_path):
                     for i in range(50)
                 ]
                 # all 50 sit in the batcher, waiting for company (and the scrape is in flight)
-                while inflight((await client.get("/metrics")).text) < 51:
-                    await asyncio.sleep(0.01)  # pacing: a poll, the gauge decides
+                await until_metric(client, INFLIGHT, lambda n: n >= 51, 30)
                 proc.send_signal(signal.SIGTERM)
                 return await asyncio.gather(*tasks)
 

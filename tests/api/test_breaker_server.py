@@ -16,6 +16,7 @@ import pytest
 from tests.support import (
     BREAK,
     MEND,
+    QUEUE_WAITS,
     Breakable,
     Doubler,
     ServerThread,
@@ -24,6 +25,7 @@ from tests.support import (
     metric,
     slow_row,
     started,
+    until_metric,
     until_started,
     write_model,
 )
@@ -37,6 +39,7 @@ BREAKING = {"instances": [[BREAK, 0.0, 0.0, 0.0]]}
 MENDING = {"instances": [[MEND, 0.0, 0.0, 0.0]]}
 MALLORY = "tg_mallory_" + "m" * 40
 COOLDOWN_S = 1.0
+FLAKY_V1 = {"model": "flaky", "version": "1"}
 
 
 @pytest.fixture
@@ -243,23 +246,16 @@ async def _shed_five(url: str) -> list[httpx.Response]:
     limits = httpx.Limits(max_connections=10)
     async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as c:
         held = asyncio.create_task(c.post(FLAKY, json={"instances": [slow_row(20)]}))
-        await _until(c, "torchgate_queue_wait_seconds_count", 1)  # the runner took it
+        await until_metric(c, QUEUE_WAITS, lambda n: n == 1, **FLAKY_V1)  # the runner took it
         queued = [
             asyncio.create_task(c.post(FLAKY, json={"instances": [[float(i), 0.0, 0.0, 0.0]]}))
             for i in range(2)
         ]
-        await _until(c, "torchgate_queue_rows", 2)
+        await until_metric(c, "torchgate_queue_rows", lambda n: n == 2, **FLAKY_V1)
         shed = [await c.post(FLAKY, json=GOOD) for _ in range(5)]
         answers = await asyncio.gather(held, *queued)
         assert [a.status_code for a in answers] == [200] * 3, "the held runner finished too soon"
         return shed
-
-
-async def _until(client: httpx.AsyncClient, name: str, value: float) -> None:
-    deadline = time.monotonic() + 10
-    while metric((await client.get("/metrics")).text, name, model="flaky", version="1") != value:
-        assert time.monotonic() < deadline, f"{name} never reached {value}"
-        await asyncio.sleep(0.01)  # pacing: a poll, the metric decides
 
 
 @pytest.mark.slow
